@@ -1,0 +1,99 @@
+"""Configuration of a factorconv model: a Llama-style decoder whose attention keeps a factorized KV cache.
+
+This file is copied next to converted weights and must import nothing but transformers.
+"""
+
+from transformers import PreTrainedConfig
+
+ATTENTION_KINDS = ("tpa",)
+CACHE_LAYER_TYPE = "factorconv"
+
+
+def _per_layer(value: int | list[int] | None, num_layers: int, name: str) -> list[int] | None:
+    """Broadcast a single rank to every layer and check that a list has one entry per layer."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value] * num_layers
+    value = [int(v) for v in value]
+    if len(value) != num_layers:
+        raise ValueError(f"{name} has {len(value)} entries but the model has {num_layers} layers")
+    return value
+
+
+class FactorConvConfig(PreTrainedConfig):
+    """Llama-family hyper-parameters plus the factorized attention's kind and per-layer ranks.
+
+    TPA (`attention="tpa"`): keys and values of all heads are sums of `tpa_rank_k[l]` / `tpa_rank_v[l]`
+    tensor products a_r(x) ⊗ b_r(x); queries are standard unless `tpa_rank_q` is set.
+    `tpa_contextual` adds the input-dependent head factor a(x) = α + A x (cached per token).
+    """
+
+    model_type = "factorconv"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    attention: str = "tpa"
+    tpa_rank_k: int | list[int] | None = None
+    tpa_rank_v: int | list[int] | None = None
+    tpa_rank_q: int | list[int] | None = None
+    tpa_contextual: bool = False
+    layer_types: list[str] | None = None
+    source_model: str | None = None
+    source_revision: str | None = None
+    source_architecture: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        n = self.num_hidden_layers
+        self.tpa_rank_k = _per_layer(self.tpa_rank_k, n, "tpa_rank_k") or [self.num_key_value_heads] * n
+        self.tpa_rank_v = _per_layer(self.tpa_rank_v, n, "tpa_rank_v") or [self.num_key_value_heads] * n
+        self.tpa_rank_q = _per_layer(self.tpa_rank_q, n, "tpa_rank_q")
+        # One custom cache layer per decoder layer: DynamicCache(config=...) dispatches on these names.
+        self.layer_types = [CACHE_LAYER_TYPE] * n
+        super().__post_init__(**kwargs)
+
+    def validate(self) -> None:
+        """Run transformers' config checks, but accept our own cache layer type in `layer_types`.
+
+        transformers only knows its built-in layer types; ours registers itself from the modeling file.
+        """
+        for validator in type(self).__class_validators__:
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
+        if self.layer_types != [CACHE_LAYER_TYPE] * self.num_hidden_layers:
+            raise ValueError(f"layer_types must be {CACHE_LAYER_TYPE!r} for each of the {self.num_hidden_layers} layers")
+
+    def kv_cache_width(self, layer_idx: int) -> int:
+        """Numbers cached per token in one layer (multiply by the dtype size for bytes)."""
+        h, d = self.num_attention_heads, self.head_dim
+        per_rank = d + (h if self.tpa_contextual else 0)
+        return (self.tpa_rank_k[layer_idx] + self.tpa_rank_v[layer_idx]) * per_rank
+
+
+__all__ = ["FactorConvConfig"]

@@ -1,0 +1,449 @@
+"""A Llama-style decoder with factorized attention whose KV cache stores factors, not keys and values.
+
+Self-contained (torch + transformers only): this file is copied next to converted weights and loads with
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` where factorconv is not installed.
+
+TPA (Tensor Product Attention): per token, the keys of all h heads form an h×D matrix written as
+    k_i(x) = Σ_r a_{r,i}(x) · RoPE(b_r(x)),   a(x) = α + A x  (R×h),   b(x) = B x + β  (R×D)
+and values likewise (no RoPE). RoPE acts on b, shared by every head, so it commutes with the head mix.
+The cache holds b (and a, when contextual) per token; decoding scores queries against the factors
+directly. Prefill and training rebuild per-head K/V and use transformers' attention functions.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+
+from .configuration_factorconv import CACHE_LAYER_TYPE, FactorConvConfig
+
+
+class FactorCacheLayer(DynamicLayer):
+    """One decoder layer's cache of per-token factor vectors.
+
+    `keys` and `values` have shape (batch, 1, tokens, width): the key-side and value-side factors of each
+    token packed into one row (for TPA: b, then a when contextual). Keeping DynamicLayer's layout means
+    cropping, beam reordering and batch selection work unchanged, while the bytes held are the factors'.
+    """
+
+    _layer_type = CACHE_LAYER_TYPE
+
+
+class FactorConvRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class FactorConvRotaryEmbedding(nn.Module):
+    """cos/sin tables from transformers' rope init functions (default, linear, dynamic, yarn, llama3, ...)."""
+
+    def __init__(self, config: FactorConvConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: FactorConvConfig, *args, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+    """Rotate the last dim of x; cos/sin are (batch, tokens, dim), unsqueezed where x has its head axis."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+class FactorConvMLP(nn.Module):
+    def __init__(self, config: FactorConvConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TensorProduct(nn.Module):
+    """Rank-R tensor-product factors of `num_heads` heads of size `head_dim`.
+
+    basis: b(x) = B x + β, shape (..., R, D).  head_mix: α (R, H).  Contextual: a(x) = α + A x, (..., R, H).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, rank: int, bias: bool, contextual: bool):
+        super().__init__()
+        self.rank, self.num_heads, self.head_dim = rank, num_heads, head_dim
+        self.basis = nn.Linear(hidden_size, rank * head_dim, bias=bias)
+        self.head_mix = nn.Parameter(torch.zeros(rank, num_heads))
+        self.head_proj = nn.Linear(hidden_size, rank * num_heads, bias=False) if contextual else None
+
+    def b(self, x: torch.Tensor) -> torch.Tensor:
+        return self.basis(x).unflatten(-1, (self.rank, self.head_dim))
+
+    def a(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token head factors, or None when they are the constant α."""
+        if self.head_proj is None:
+            return None
+        return self.head_mix + self.head_proj(x).unflatten(-1, (self.rank, self.num_heads))
+
+    def mix(self, b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+        """Σ_r a_{r,h} b_r: (batch, tokens, R, D) factors -> (batch, heads, tokens, D)."""
+        if a is None:
+            return torch.einsum("btrd,rh->bhtd", b, self.head_mix.to(b.dtype))
+        return torch.einsum("btrd,btrh->bhtd", b, a)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · scale + mask) v with as many key heads as query heads; returns (B, L, H, D)."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply a transformers mask (bool: True attends, float: additive, None: causal) to (B, H, L, T) scores."""
+    q_len, kv_len = scores.shape[-2:]
+    if attention_mask is None:
+        if q_len == 1:
+            return scores
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+    else:
+        attention_mask = attention_mask[..., :kv_len]
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask
+
+
+class FactorConvTPAAttention(nn.Module):
+    """TPA attention (T6). Queries are standard (TPA-KVonly) unless `tpa_rank_q` gives them factors too."""
+
+    def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.num_key_value_groups = 1  # rebuilt K/V carry one head per query head
+        self.attention_dropout = config.attention_dropout
+        h, d, hidden = self.num_heads, self.head_dim, config.hidden_size
+
+        def product(rank: int) -> TensorProduct:
+            return TensorProduct(hidden, h, d, rank, config.qkv_bias, config.tpa_contextual)
+
+        rank_q = config.tpa_rank_q[layer_idx] if config.tpa_rank_q is not None else None
+        self.q_proj = nn.Linear(hidden, h * d, bias=config.qkv_bias) if rank_q is None else None
+        self.q_product = product(rank_q) if rank_q is not None else None
+        self.k_product = product(config.tpa_rank_k[layer_idx])
+        self.v_product = product(config.tpa_rank_v[layer_idx])
+        self.o_proj = nn.Linear(h * d, hidden, bias=config.o_bias)
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.q_product is None:
+            q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            return apply_rope(q, cos, sin, unsqueeze_dim=1)
+        return self.q_product.mix(apply_rope(self.q_product.b(x), cos, sin, unsqueeze_dim=2), self.q_product.a(x))
+
+    @staticmethod
+    def _pack(b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, R, D) basis and optional (B, T, R, H) head factors -> one (B, 1, T, width) cache row."""
+        parts = [b.flatten(-2)] + ([a.flatten(-2)] if a is not None else [])
+        return torch.cat(parts, dim=-1).unsqueeze(1)
+
+    @staticmethod
+    def _unpack(row: torch.Tensor, product: TensorProduct) -> tuple[torch.Tensor, torch.Tensor | None]:
+        row = row.squeeze(1)
+        split = product.rank * product.head_dim
+        b = row[..., :split].unflatten(-1, (product.rank, product.head_dim))
+        a = row[..., split:].unflatten(-1, (product.rank, product.num_heads)) if product.head_proj is not None else None
+        return b, a
+
+    def factor_attention(
+        self,
+        query: torch.Tensor,
+        key_factors: tuple[torch.Tensor, torch.Tensor | None],
+        value_factors: tuple[torch.Tensor, torch.Tensor | None],
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention straight from cached factors, never forming per-head K/V.
+
+        s_{h,t} = Σ_r a_{t,r,h} (q_h · b_{t,r}) / √D  and  o_h = Σ_t p_{h,t} Σ_r a^V_{t,r,h} b^V_{t,r}.
+        query: (B, H, L, D). Returns (B, L, H, D).
+        """
+        (b_k, a_k), (b_v, a_v) = key_factors, value_factors
+        bsz, tokens, rank_k, dim = b_k.shape
+        rank_v = b_v.shape[2]
+        q_dot_b = torch.matmul(query, b_k.reshape(bsz, 1, tokens * rank_k, dim).transpose(-1, -2))
+        q_dot_b = q_dot_b.unflatten(-1, (tokens, rank_k))  # (B, H, L, T, R_K)
+        if a_k is None:
+            scores = torch.einsum("bhltr,rh->bhlt", q_dot_b, self.k_product.head_mix.to(query.dtype))
+        else:
+            scores = torch.einsum("bhltr,btrh->bhlt", q_dot_b, a_k)
+        scores = _masked_scores(scores.float() * self.scaling, attention_mask)
+        probs = scores.softmax(dim=-1).to(query.dtype)
+        if a_v is None:
+            mixed = torch.matmul(probs, b_v.reshape(bsz, 1, tokens, rank_v * dim)).unflatten(-1, (rank_v, dim))
+            out = torch.einsum("bhlrd,rh->bhld", mixed, self.v_product.head_mix.to(query.dtype))
+        else:
+            weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).flatten(-2)
+            out = torch.matmul(weights, b_v.reshape(bsz, 1, tokens * rank_v, dim))
+        return out.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query = self._queries(hidden_states, cos, sin)
+        key_row = self._pack(apply_rope(self.k_product.b(hidden_states), cos, sin, 2), self.k_product.a(hidden_states))
+        value_row = self._pack(self.v_product.b(hidden_states), self.v_product.a(hidden_states))
+        if past_key_values is not None:
+            key_row, value_row = past_key_values.update(key_row, value_row, self.layer_idx)
+        key_factors = self._unpack(key_row, self.k_product)
+        value_factors = self._unpack(value_row, self.v_product)
+
+        weights = None
+        if q_len == 1:
+            out = self.factor_attention(query, key_factors, value_factors, attention_mask)
+        else:
+            keys, values = self.k_product.mix(*key_factors), self.v_product.mix(*value_factors)
+            attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention
+            )
+            out, weights = attention_fn(
+                self,
+                query,
+                keys,
+                values,
+                attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                **kwargs,
+            )
+        return self.o_proj(out.reshape(bsz, q_len, -1)), weights
+
+
+ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention}
+
+
+class FactorConvDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = ATTENTION_CLASSES[config.attention](config, layer_idx)
+        self.mlp = FactorConvMLP(config)
+        self.input_layernorm = FactorConvRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = FactorConvRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FactorConvPreTrainedModel(PreTrainedModel):
+    config_class = FactorConvConfig
+    config: FactorConvConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FactorConvDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, TensorProduct):
+            init.normal_(module.head_mix, mean=0.0, std=module.rank**-0.5)
+
+
+class FactorConvModel(FactorConvPreTrainedModel):
+    def __init__(self, config: FactorConvConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(FactorConvDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = FactorConvRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = FactorConvRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden_states = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+        )
+
+
+class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FactorConvConfig) -> None:
+        super().__init__(config)
+        self.model = FactorConvModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["FactorCacheLayer", "FactorConvForCausalLM", "FactorConvModel", "FactorConvPreTrainedModel"]
