@@ -1,0 +1,83 @@
+"""convert(): source checkpoint -> factorized output folder, one layer's attention in memory at a time."""
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FactorConvError
+from ..recipe import ConvertOptions
+from .artifacts import write_artifacts
+from .layers import ATTENTION_TENSOR, LayerReport, convert_tpa_attention
+from .source import SourceCheckpoint, resolve_source
+from .target import build_target_config, output_dtype
+from .writer import ShardedWriter, parse_size
+
+logger = logging.getLogger("factorconv")
+SKIPPED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto', 'cpu', 'cuda', 'cuda:1', 'mps' -> a device that exists here, or a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FactorConvError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise FactorConvError(f"device {name} is not available here; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FactorConvError("device mps is not available here; use --device cpu or auto")
+    return device
+
+
+def convert(options: ConvertOptions, progress: bool = True) -> Path:
+    """Convert `options.source` and write the result to `options.output` (atomically: temp folder + rename)."""
+    output = Path(options.output)
+    if output.exists() and not options.overwrite:
+        raise FactorConvError(f"output folder {output} exists; pass --overwrite to replace it")
+    device = resolve_device(options.device)
+    max_shard = parse_size(options.max_shard_size)
+    source = SourceCheckpoint(resolve_source(options.source, options.revision))
+    config = build_target_config(source, options)
+    dtype = output_dtype(options, source)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        writer = ShardedWriter(staging, max_shard)
+        reports: list[LayerReport] = []
+        read = lambda name: source.tensor(name) if source.has(name) else None  # noqa: E731
+        for name in tqdm(source.names, desc="converting", unit="tensor", disable=not progress):
+            match = ATTENTION_TENSOR.match(name)
+            if match:
+                layer = int(match.group(1))
+                if reports and reports[-1].layer == layer:
+                    continue  # this layer's attention was converted when its first tensor came up
+                tensors, report = convert_tpa_attention(read, layer, config, device, dtype)
+                reports.append(report)
+                for target_name, tensor in tensors.items():
+                    writer.add(target_name, tensor)
+            elif not name.endswith(SKIPPED_TENSOR_SUFFIXES):
+                writer.add(name, source.tensor(name).to(dtype))
+        if len(reports) != config.num_hidden_layers:
+            raise FactorConvError(
+                f"{source.folder} has attention weights for {len(reports)} of {config.num_hidden_layers} layers"
+            )
+        writer.close()
+        write_artifacts(staging, source.folder, config, options, reports)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote %s", output)
+    return output

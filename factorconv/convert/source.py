@@ -1,0 +1,115 @@
+"""Read a source checkpoint (local folder or Hub id) tensor by tensor, without loading the whole model."""
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, PreTrainedConfig
+
+from ..errors import FactorConvError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_source(source: str, revision: str | None = None) -> Path:
+    """A local folder as is; a Hub id downloaded (config, safetensors, tokenizer files only)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FactorConvError(f"source {source} is a file; pass the model folder that holds config.json")
+        return path
+    if not _HUB_ID.match(source):
+        raise FactorConvError(f"source {source} is neither a local folder nor a Hub id like 'org/model'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError:
+        raise FactorConvError(f"Hub repo {source} not found (or gated: log in with `hf auth login`)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FactorConvError(f"could not download {source} from the Hub: {first_line}") from None
+
+
+class SourceCheckpoint:
+    """Config and lazily read tensors of a supported Llama-family checkpoint in safetensors format."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        if not (folder / "config.json").is_file():
+            raise FactorConvError(f"{folder} has no config.json; pass a Hugging Face model folder")
+        try:
+            self.config: PreTrainedConfig = AutoConfig.from_pretrained(folder)
+        except (ValueError, KeyError, OSError) as err:
+            raise FactorConvError(f"cannot read {folder / 'config.json'}: {err}".splitlines()[0]) from None
+        architectures = getattr(self.config, "architectures", None) or []
+        if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
+            found = architectures[0] if architectures else f"model_type {self.config.model_type!r}"
+            raise FactorConvError(
+                f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.architecture = architectures[0]
+        self._file_of = self._index_tensors()
+
+    def _index_tensors(self) -> dict[str, Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise FactorConvError(f"corrupt {index.name} in {self.folder}: {err}") from None
+            files = {name: self.folder / shard for name, shard in weight_map.items()}
+        elif (self.folder / "model.safetensors").is_file():
+            files = {name: self.folder / "model.safetensors" for name in self._keys(self.folder / "model.safetensors")}
+        else:
+            raise FactorConvError(
+                f"no model.safetensors or model.safetensors.index.json in {self.folder}; "
+                "convert .bin checkpoints with `save_pretrained(safe_serialization=True)` first"
+            )
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FactorConvError(f"missing shard {shard.name} listed in the index of {self.folder}")
+            keys = self._keys(shard)
+            listed = {name for name, path in files.items() if path == shard}
+            if not listed <= keys:
+                raise FactorConvError(f"shard {shard.name} lacks tensors its index lists, e.g. {min(listed - keys)}")
+        return files
+
+    @staticmethod
+    def _keys(shard: Path) -> set[str]:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                return set(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise FactorConvError(f"corrupt safetensors file {shard}: {err}; re-download it") from None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._file_of, key=_natural_key)
+
+    def has(self, name: str) -> bool:
+        return name in self._file_of
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            with safe_open(self._file_of[name], framework="pt") as f:
+                return f.get_tensor(name)
+        except KeyError:
+            raise FactorConvError(f"tensor {name} not found in {self.folder}") from None
+        except (SafetensorError, OSError) as err:
+            raise FactorConvError(f"cannot read {name} from {self._file_of[name].name}: {err}") from None
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.tensor(name)
+
+
+def _natural_key(name: str) -> list[object]:
+    """Sort layer 2 before layer 10 so the output streams layer by layer."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

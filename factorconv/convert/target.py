@@ -1,0 +1,82 @@
+"""The converted model's config, derived from the source config and the user's options."""
+
+import logging
+
+import torch
+
+from ..errors import FactorConvError
+from ..modeling import FactorConvConfig
+from ..recipe import ConvertOptions
+from .source import SourceCheckpoint
+
+logger = logging.getLogger("factorconv")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def output_dtype(options: ConvertOptions, source: SourceCheckpoint) -> torch.dtype:
+    """The requested dtype, or with 'auto' the source's own (float32 when it declares none)."""
+    if options.dtype != "auto":
+        return _DTYPES[options.dtype]
+    declared = getattr(source.config, "dtype", None)
+    if isinstance(declared, str):
+        declared = _DTYPES.get(declared)
+    return declared if declared in _DTYPES.values() else torch.float32
+
+
+def _check_rank(name: str, rank: int | None, upper: int, what: str) -> None:
+    if rank is not None and not 1 <= rank <= upper:
+        raise FactorConvError(f"{name} {rank} is out of range: it must be between 1 and {upper} ({what})")
+
+
+def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> FactorConvConfig:
+    """FactorConvConfig with the source's geometry and the requested TPA ranks (validated here)."""
+    cfg = source.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    _check_rank("--rank-k", options.rank_k, kv_heads, "the source's KV heads")
+    _check_rank("--rank-v", options.rank_v, kv_heads, "the source's KV heads")
+    _check_rank("--rank-q", options.rank_q, heads, "the source's query heads")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < cfg.max_position_embeddings:
+        logger.warning(
+            "the source uses a %d-token sliding window; the converted model attends to the full context, "
+            "so outputs match only on sequences up to %d tokens",
+            window,
+            window,
+        )
+    layer0 = "model.layers.0."
+    return FactorConvConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=getattr(cfg, "initializer_range", 0.02),
+        rms_norm_eps=cfg.rms_norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        rope_parameters=dict(cfg.rope_parameters),
+        qkv_bias=source.has(layer0 + "self_attn.q_proj.bias"),
+        o_bias=source.has(layer0 + "self_attn.o_proj.bias"),
+        mlp_bias=source.has(layer0 + "mlp.gate_proj.bias"),
+        attention="tpa",
+        tpa_rank_k=options.rank_k or kv_heads,
+        tpa_rank_v=options.rank_v or kv_heads,
+        tpa_rank_q=options.rank_q,
+        tpa_contextual=options.contextual,
+        source_model=options.source,
+        source_revision=options.revision,
+        source_architecture=source.architecture,
+        architectures=["FactorConvForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_factorconv.FactorConvConfig",
+            "AutoModelForCausalLM": "modeling_factorconv.FactorConvForCausalLM",
+        },
+        dtype=output_dtype(options, source),
+    )
