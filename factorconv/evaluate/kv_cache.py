@@ -1,0 +1,43 @@
+"""KV-cache bytes per token: from the config (analytic) and from a cache that `generate` really built."""
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from ..modeling import FactorConvConfig
+
+
+def analytic_kv_bytes_per_token(config: PreTrainedConfig, bytes_per_value: int) -> int:
+    """What one token costs in the cache across all layers, from the architecture alone."""
+    if isinstance(config, FactorConvConfig):
+        return sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * bytes_per_value
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * kv_heads * head_dim * config.num_hidden_layers * bytes_per_value
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every tensor in every layer of a transformers Cache."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def measured_kv_bytes_per_token(model: PreTrainedModel, prompt_tokens: int = 8, new_tokens: int = 8) -> float:
+    """Generate greedily from a fixed prompt and divide the returned cache's bytes by the tokens it holds."""
+    device = next(model.parameters()).device
+    prompt = torch.arange(prompt_tokens, device=device)[None] % model.config.vocab_size
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    cache = out.past_key_values
+    return cache_bytes(cache) / (cache.get_seq_length() * prompt.shape[0])

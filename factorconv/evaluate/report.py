@@ -1,0 +1,104 @@
+"""`factorconv eval`: the converted model and (optionally) its source side by side, in one table."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..convert.source import resolve_source
+from ..errors import FactorConvError
+from .data import load_tokens
+from .kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
+from .perplexity import perplexity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalRow:
+    name: str
+    parameters: int
+    kv_bytes_analytic: int
+    kv_bytes_measured: float
+    perplexity: float
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """Load a source or converted folder (factorconv's classes are registered on import)."""
+    import factorconv  # noqa: F401  (registers the Auto classes)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise FactorConvError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _tokenizer(*folders: Path):
+    for folder in folders:
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
+def evaluate_row(
+    name: str, model: PreTrainedModel, tokens: torch.Tensor, seq_len: int, progress: bool
+) -> EvalRow:
+    size = next(model.parameters()).element_size()
+    return EvalRow(
+        name=name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        kv_bytes_analytic=analytic_kv_bytes_per_token(model.config, size),
+        kv_bytes_measured=measured_kv_bytes_per_token(model),
+        perplexity=perplexity(model, tokens, seq_len, progress=progress),
+    )
+
+
+def evaluate(
+    model_path: str,
+    data: Path,
+    compare: str | None = None,
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    dtype: str = "float32",
+    progress: bool = True,
+) -> list[EvalRow]:
+    """Evaluate `model_path` (and `compare`, usually the source) on the same tokens."""
+    folders = [resolve_source(model_path)] + ([resolve_source(compare)] if compare else [])
+    tokens = load_tokens(data, _tokenizer(*folders), max_tokens)
+    rows = []
+    for label, folder in zip(["model", "source"], folders):
+        model = load_model(folder, device, DTYPES[dtype])
+        length = seq_len or min(model.config.max_position_embeddings, 2048)
+        if length > model.config.max_position_embeddings:
+            raise FactorConvError(
+                f"--seq-len {length} exceeds the model's context of {model.config.max_position_embeddings} tokens"
+            )
+        rows.append(evaluate_row(f"{label}: {Path(model_path if label == 'model' else compare).name}", model, tokens, length, progress))
+        del model
+    return rows[::-1]  # source first, as in "before -> after"
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    """A fixed-width table; the last column compares KV bytes with the first row's."""
+    header = ("model", "params", "KV B/token", "KV B/token measured", "KV vs first", "perplexity")
+    base = rows[0].kv_bytes_analytic
+    body = [
+        (
+            r.name,
+            f"{r.parameters:,}",
+            f"{r.kv_bytes_analytic:,}",
+            f"{r.kv_bytes_measured:,.0f}",
+            f"{r.kv_bytes_analytic / base:.1%}",
+            f"{r.perplexity:.4f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
