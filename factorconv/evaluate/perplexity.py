@@ -11,9 +11,13 @@ from transformers import PreTrainedModel
 def perplexity(
     model: PreTrainedModel, tokens: torch.Tensor, seq_len: int, batch_size: int = 8, progress: bool = True
 ) -> float:
-    """exp(mean next-token NLL), each window of `seq_len` tokens predicting its own tokens 2..seq_len."""
+    """exp(mean next-token NLL) with every token after the first predicted exactly once.
+
+    Windows of `seq_len` tokens overlap by one token: each predicts its tokens 2..seq_len.
+    """
     device = next(model.parameters()).device
-    windows = [tokens[i : i + seq_len] for i in range(0, tokens.numel() - 1, seq_len)]
+    stride = seq_len - 1
+    windows = [tokens[i : i + seq_len] for i in range(0, tokens.numel() - 1, stride)]
     windows = [w for w in windows if w.numel() >= 2]
     total_nll, total_tokens = 0.0, 0
     bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
