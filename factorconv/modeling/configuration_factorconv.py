@@ -5,7 +5,7 @@ This file is copied next to converted weights and must import nothing but transf
 
 from transformers import PreTrainedConfig
 
-ATTENTION_KINDS = ("tpa",)
+ATTENTION_KINDS = ("tpa", "mfa", "mfa_kr")
 CACHE_LAYER_TYPE = "factorconv"
 
 
@@ -27,6 +27,13 @@ class FactorConvConfig(PreTrainedConfig):
     TPA (`attention="tpa"`): keys and values of all heads are sums of `tpa_rank_k[l]` / `tpa_rank_v[l]`
     tensor products a_r(x) ⊗ b_r(x); queries are standard unless `tpa_rank_q` is set.
     `tpa_contextual` adds the input-dependent head factor a(x) = α + A x (cached per token).
+
+    MFA (`attention="mfa"`): one key head of width `key_dim[l]` and one value head of width `value_dim[l]`
+    shared by all query heads. MFA-KR (`attention="mfa_kr"`): one cached vector [c_rope | c_nope] of width
+    `rope_dim[l] + nope_dim[l]`; keys are [RoPE(c_rope) | c_nope], values read c_nope. For both, the
+    rotated pair n of the key rotates at source frequency `rope_pair_index[l][n]`, queries may go through
+    a rank-`query_rank[l]` product (with `query_norm` between), and scores are scaled by `attention_scale`
+    (the source's 1/√head_dim).
     """
 
     model_type = "factorconv"
@@ -58,6 +65,14 @@ class FactorConvConfig(PreTrainedConfig):
     tpa_rank_v: int | list[int] | None = None
     tpa_rank_q: int | list[int] | None = None
     tpa_contextual: bool = False
+    key_dim: int | list[int] | None = None
+    value_dim: int | list[int] | None = None
+    rope_dim: int | list[int] | None = None
+    nope_dim: int | list[int] | None = None
+    rope_pair_index: list[list[int]] | None = None
+    query_rank: int | list[int] | None = None
+    query_norm: bool = False
+    attention_scale: float | None = None
     layer_types: list[str] | None = None
     source_model: str | None = None
     source_revision: str | None = None
@@ -74,6 +89,21 @@ class FactorConvConfig(PreTrainedConfig):
         self.tpa_rank_k = _per_layer(self.tpa_rank_k, n, "tpa_rank_k") or [self.num_key_value_heads] * n
         self.tpa_rank_v = _per_layer(self.tpa_rank_v, n, "tpa_rank_v") or [self.num_key_value_heads] * n
         self.tpa_rank_q = _per_layer(self.tpa_rank_q, n, "tpa_rank_q")
+        full = self.num_key_value_heads * self.head_dim  # the source's K (or V) width: exact at this size
+        self.key_dim = _per_layer(self.key_dim, n, "key_dim") or [full] * n
+        self.value_dim = _per_layer(self.value_dim, n, "value_dim") or [full] * n
+        self.rope_dim = _per_layer(self.rope_dim, n, "rope_dim") or [full] * n
+        self.nope_dim = _per_layer(self.nope_dim, n, "nope_dim") or [full] * n
+        self.query_rank = _per_layer(self.query_rank, n, "query_rank")
+        if self.attention_scale is None:
+            self.attention_scale = self.head_dim**-0.5
+        rotated = self.key_dim if self.attention == "mfa" else self.rope_dim
+        if any(width % 2 for width in rotated):
+            raise ValueError(f"rotated key widths must be even (RoPE rotates pairs), got {rotated}")
+        if self.rope_pair_index is None:
+            self.rope_pair_index = [[p % (self.head_dim // 2) for p in range(w // 2)] for w in rotated]
+        if [len(pairs) for pairs in self.rope_pair_index] != [w // 2 for w in rotated]:
+            raise ValueError("rope_pair_index must list one source frequency per rotated key pair in each layer")
         # One custom cache layer per decoder layer: DynamicCache(config=...) dispatches on these names.
         self.layer_types = [CACHE_LAYER_TYPE] * n
         super().__post_init__(**kwargs)
@@ -89,8 +119,18 @@ class FactorConvConfig(PreTrainedConfig):
         if self.layer_types != [CACHE_LAYER_TYPE] * self.num_hidden_layers:
             raise ValueError(f"layer_types must be {CACHE_LAYER_TYPE!r} for each of the {self.num_hidden_layers} layers")
 
+    def query_width(self, layer_idx: int) -> int:
+        """Width of each query head of MFA / MFA-KR (what it is dotted with)."""
+        if self.attention == "mfa":
+            return self.key_dim[layer_idx]
+        return self.rope_dim[layer_idx] + self.nope_dim[layer_idx]
+
     def kv_cache_width(self, layer_idx: int) -> int:
         """Numbers cached per token in one layer (multiply by the dtype size for bytes)."""
+        if self.attention == "mfa":
+            return self.key_dim[layer_idx] + self.value_dim[layer_idx]
+        if self.attention == "mfa_kr":
+            return self.rope_dim[layer_idx] + self.nope_dim[layer_idx]
         h, d = self.num_attention_heads, self.head_dim
         per_rank = d + (h if self.tpa_contextual else 0)
         return (self.tpa_rank_k[layer_idx] + self.tpa_rank_v[layer_idx]) * per_rank

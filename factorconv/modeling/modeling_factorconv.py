@@ -286,7 +286,124 @@ class FactorConvTPAAttention(nn.Module):
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
 
-ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention}
+class SharedKVAttention(nn.Module):
+    """Base of MFA and MFA-KR: h query heads against a single shared key head (MQA with its own widths).
+
+    The key's rotated part is made of pairs that each rotate at one source RoPE frequency
+    (`rope_pair_index`), so cos/sin are gathered from the source's tables rather than recomputed.
+    """
+
+    def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads = config.num_attention_heads
+        self.query_width = config.query_width(layer_idx)
+        self.scaling = config.attention_scale
+        self.is_causal = True
+        self.num_key_value_groups = self.num_heads  # one shared key/value head
+        self.attention_dropout = config.attention_dropout
+        hidden, width = config.hidden_size, self.num_heads * self.query_width
+        rank = config.query_rank[layer_idx] if config.query_rank is not None else None
+        self.q_proj = nn.Linear(hidden, width, bias=config.qkv_bias) if rank is None else None
+        self.q_down = nn.Linear(hidden, rank, bias=False) if rank is not None else None
+        self.q_norm = FactorConvRMSNorm(rank, config.rms_norm_eps) if rank is not None and config.query_norm else None
+        self.q_up = nn.Linear(rank, width, bias=config.qkv_bias) if rank is not None else None
+        self.rope_pairs = list(config.rope_pair_index[layer_idx])
+        self.rotary_width = 2 * len(self.rope_pairs)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+        """Rotate the first `rotary_width` dims of x, pair n at source frequency rope_pairs[n]."""
+        half = self.config.head_dim // 2
+        pairs = torch.tensor(self.rope_pairs, device=cos.device)
+        gather = torch.cat([pairs, pairs + half])
+        rotated = apply_rope(x[..., : self.rotary_width], cos[..., gather], sin[..., gather], unsqueeze_dim)
+        return torch.cat([rotated, x[..., self.rotary_width :]], dim=-1)
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            down = self.q_down(x)
+            q = self.q_up(self.q_norm(down) if self.q_norm is not None else down)
+        q = q.unflatten(-1, (self.num_heads, self.query_width)).transpose(1, 2)
+        return self._rope(q, cos, sin, unsqueeze_dim=1)
+
+    def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        return attention_fn(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+
+class FactorConvMFAAttention(SharedKVAttention):
+    """MFA: one key head (key_dim) and one value head (value_dim) for all query heads; cache key_dim + value_dim."""
+
+    def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        hidden, value_dim = config.hidden_size, config.value_dim[layer_idx]
+        self.k_proj = nn.Linear(hidden, config.key_dim[layer_idx], bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, value_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * value_dim, hidden, bias=config.o_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query = self._queries(hidden_states, cos, sin)
+        key = self._rope(self.k_proj(hidden_states).unsqueeze(1), cos, sin, unsqueeze_dim=1)
+        value = self.v_proj(hidden_states).unsqueeze(1)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        out, weights = self._attend(query, key, value, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(bsz, q_len, -1)), weights
+
+
+class FactorConvMFAKRAttention(SharedKVAttention):
+    """MFA-KR: one cached vector c = [RoPE(c_rope) | c_nope] is the key; its c_nope part is also the value.
+
+    As in MLA's decoupled RoPE, the rotated part serves keys only, so the cache can hold c once, already
+    rotated: `values` in the cache layer is empty (zero width).
+    """
+
+    def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        hidden, nope_dim = config.hidden_size, config.nope_dim[layer_idx]
+        self.c_proj = nn.Linear(hidden, config.rope_dim[layer_idx] + nope_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * nope_dim, hidden, bias=config.o_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query = self._queries(hidden_states, cos, sin)
+        latent = self._rope(self.c_proj(hidden_states).unsqueeze(1), cos, sin, unsqueeze_dim=1)
+        if past_key_values is not None:
+            latent, _ = past_key_values.update(latent, latent[..., :0], self.layer_idx)
+        value = latent[..., self.rotary_width :]
+        out, weights = self._attend(query, latent, value, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(bsz, q_len, -1)), weights
+
+
+ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention, "mfa": FactorConvMFAAttention, "mfa_kr": FactorConvMFAKRAttention}
 
 
 class FactorConvDecoderLayer(GradientCheckpointingLayer):
