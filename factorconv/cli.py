@@ -16,8 +16,9 @@ def _fail(message: str) -> None:
 
 def _options_error(err: ValidationError) -> str:
     first = err.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
     where = ".".join(str(p) for p in first["loc"])
-    return f"invalid {where}: {first['msg']}"
+    return f"invalid {where}: {message}" if where else message
 
 
 @click.group()
@@ -36,11 +37,18 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @main.command()
 @click.argument("source")
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--to", "target", type=click.Choice(["tpa"]), default="tpa", show_default=True, help="Target attention.")
+@click.option(
+    "--to", "target", type=click.Choice(["tpa", "mfa", "mfa-kr"]), default="tpa", show_default=True, help="Target attention."
+)
 @click.option("--rank-k", type=int, help="TPA key rank R_K (default: the source's KV heads, exact).")
 @click.option("--rank-v", type=int, help="TPA value rank R_V (default: the source's KV heads, exact).")
 @click.option("--rank-q", type=int, help="Also factorize queries with this rank (exact at the number of heads).")
 @click.option("--contextual", is_flag=True, help="Add input-dependent head factors a(x) = α + A x (cached per token).")
+@click.option("--key-dim", type=int, help="MFA key width d_K (default: KV heads × head dim, exact).")
+@click.option("--value-dim", type=int, help="MFA value width d_V (default: KV heads × head dim, exact).")
+@click.option("--rope-dim", type=int, help="MFA-KR rotated width d_R (default: KV heads × head dim, exact).")
+@click.option("--nope-dim", type=int, help="MFA-KR shared key/value width d_N (default: KV heads × head dim, exact).")
+@click.option("--query-rank", type=int, help="MFA / MFA-KR: low-rank query product of this width.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the factorization: cpu, cuda, auto.")

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import FactorConvError
 from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
-from .layers import ATTENTION_TENSOR, LayerReport, convert_tpa_attention
+from .layers import ATTENTION_TENSOR, LayerReport, convert_attention
 from .source import SourceCheckpoint, resolve_source
 from .target import build_target_config, output_dtype
 from .writer import ShardedWriter, parse_size
@@ -61,9 +61,11 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                 layer = int(match.group(1))
                 if reports and reports[-1].layer == layer:
                     continue  # this layer's attention was converted when its first tensor came up
-                tensors, report = convert_tpa_attention(read, layer, config, device, dtype)
-                reports.append(report)
-                for target_name, tensor in tensors.items():
+                result = convert_attention(read, layer, config, device, dtype)
+                reports.append(result.report)
+                if result.rope_pairs is not None:
+                    config.rope_pair_index[layer] = result.rope_pairs
+                for target_name, tensor in result.tensors.items():
                     writer.add(target_name, tensor)
             elif not name.endswith(SKIPPED_TENSOR_SUFFIXES):
                 writer.add(name, source.tensor(name).to(dtype))

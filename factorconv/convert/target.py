@@ -29,13 +29,31 @@ def _check_rank(name: str, rank: int | None, upper: int, what: str) -> None:
         raise FactorConvError(f"{name} {rank} is out of range: it must be between 1 and {upper} ({what})")
 
 
-def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> FactorConvConfig:
-    """FactorConvConfig with the source's geometry and the requested TPA ranks (validated here)."""
-    cfg = source.config
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+def _check_widths(options: ConvertOptions, heads: int, kv_heads: int, head_dim: int, hidden: int) -> None:
+    full = kv_heads * head_dim
     _check_rank("--rank-k", options.rank_k, kv_heads, "the source's KV heads")
     _check_rank("--rank-v", options.rank_v, kv_heads, "the source's KV heads")
     _check_rank("--rank-q", options.rank_q, heads, "the source's query heads")
+    _check_rank("--key-dim", options.key_dim, full, "KV heads × head dim")
+    _check_rank("--value-dim", options.value_dim, full, "KV heads × head dim")
+    _check_rank("--rope-dim", options.rope_dim, full, "KV heads × head dim")
+    _check_rank("--nope-dim", options.nope_dim, full, "KV heads × head dim")
+    for name, width in (("--key-dim", options.key_dim), ("--rope-dim", options.rope_dim)):
+        if width is not None and width % 2:
+            raise FactorConvError(f"{name} {width} must be even: RoPE rotates pairs of dimensions")
+    query_width = (options.key_dim or full) if options.to == "mfa" else (options.rope_dim or full) + (options.nope_dim or full)
+    _check_rank("--query-rank", options.query_rank, min(hidden, heads * query_width), "hidden size and query width")
+
+
+def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> FactorConvConfig:
+    """FactorConvConfig with the source's geometry and the requested ranks or widths (validated here).
+
+    MFA / MFA-KR pair tables are filled in per layer by the conversion (they depend on the weights).
+    """
+    cfg = source.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    _check_widths(options, heads, kv_heads, head_dim, cfg.hidden_size)
     window = getattr(cfg, "sliding_window", None)
     if window is not None and window < cfg.max_position_embeddings:
         logger.warning(
@@ -52,7 +70,7 @@ def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> Fa
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        head_dim=head_dim,
         hidden_act=cfg.hidden_act,
         max_position_embeddings=cfg.max_position_embeddings,
         initializer_range=getattr(cfg, "initializer_range", 0.02),
@@ -65,11 +83,16 @@ def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> Fa
         qkv_bias=source.has(layer0 + "self_attn.q_proj.bias"),
         o_bias=source.has(layer0 + "self_attn.o_proj.bias"),
         mlp_bias=source.has(layer0 + "mlp.gate_proj.bias"),
-        attention="tpa",
-        tpa_rank_k=options.rank_k or kv_heads,
-        tpa_rank_v=options.rank_v or kv_heads,
+        attention=options.to,
+        tpa_rank_k=options.rank_k,
+        tpa_rank_v=options.rank_v,
         tpa_rank_q=options.rank_q,
         tpa_contextual=options.contextual,
+        key_dim=options.key_dim,
+        value_dim=options.value_dim,
+        rope_dim=options.rope_dim,
+        nope_dim=options.nope_dim,
+        query_rank=options.query_rank,
         source_model=options.source,
         source_revision=options.revision,
         source_architecture=source.architecture,

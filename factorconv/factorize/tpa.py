@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .common import split_bias_column, with_bias_column
+
 
 @dataclass
 class TensorProductInit:
@@ -32,10 +34,6 @@ def group_indicator(num_groups: int, num_heads: int) -> torch.Tensor:
         raise ValueError(f"{num_heads} heads cannot be split into {num_groups} equal groups")
     heads_per_group = num_heads // num_groups
     return torch.eye(num_groups).repeat_interleave(heads_per_group, dim=1)
-
-
-def _with_bias_column(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
 
 
 def tensor_product_init(
@@ -59,7 +57,7 @@ def tensor_product_init(
 
     out_dtype = weight.dtype
     head_dim = weight.shape[0] // num_groups
-    stacked = _with_bias_column(weight, bias).double()  # (g·D, d')
+    stacked = with_bias_column(weight, bias).double()  # (g·D, d')
     in_dim = stacked.shape[1]
     if whitening is not None:
         stacked = stacked @ whitening.double()
@@ -72,20 +70,18 @@ def tensor_product_init(
     if whitening is not None:
         basis = torch.linalg.solve_triangular(whitening.double(), basis, upper=False, left=False)
     head_mix = coeff.T @ indicator.double()
-    basis_bias = None
-    if bias is not None:
-        basis, basis_bias = basis[:, :-1], basis[:, -1]
+    basis, basis_bias = split_bias_column(basis, bias is not None)
     return TensorProductInit(
         head_mix.to(out_dtype),
-        basis.contiguous().to(out_dtype),
-        None if basis_bias is None else basis_bias.contiguous().to(out_dtype),
+        basis.to(out_dtype),
+        None if basis_bias is None else basis_bias.to(out_dtype),
     )
 
 
 def per_head_projection(init: TensorProductInit) -> torch.Tensor:
     """The (h·D × d') per-head projection the factors implement (bias as the last column)."""
     rank = init.rank
-    basis = _with_bias_column(init.basis_weight, init.basis_bias).double()
+    basis = with_bias_column(init.basis_weight, init.basis_bias).double()
     basis = basis.reshape(rank, -1, basis.shape[1])  # (R, D, d')
     per_head = torch.einsum("rh,rdi->hdi", init.head_mix.double(), basis)
     return per_head.reshape(-1, basis.shape[2])
@@ -95,7 +91,7 @@ def relative_error(
     weight: torch.Tensor, bias: torch.Tensor | None, init: TensorProductInit, num_groups: int, num_heads: int
 ) -> float:
     """‖W_heads − Ŵ_heads‖_F / ‖W_heads‖_F over all query heads' views of the projection."""
-    source = _with_bias_column(weight, bias).double()
+    source = with_bias_column(weight, bias).double()
     head_dim = source.shape[0] // num_groups
     source = source.reshape(num_groups, head_dim, -1).repeat_interleave(num_heads // num_groups, dim=0)
     source = source.reshape(num_heads * head_dim, -1)

@@ -1,0 +1,38 @@
+"""Small linear-algebra helpers shared by the factorizations."""
+
+import torch
+
+
+def with_bias_column(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[W | b]: a bias is a weight on a constant-1 input channel, so one factorization covers both."""
+    return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
+
+
+def split_bias_column(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not has_bias:
+        return augmented.contiguous(), None
+    return augmented[:, :-1].contiguous(), augmented[:, -1].contiguous()
+
+
+def input_moment(in_features: int, has_bias: bool, moment: torch.Tensor | None) -> torch.Tensor:
+    """E[x̃x̃ᵀ] over inputs x̃ = [x; 1]; weight-only conversions use the identity (every direction equal)."""
+    size = in_features + int(has_bias)
+    if moment is None:
+        return torch.eye(size, dtype=torch.float64)
+    if moment.shape != (size, size):
+        raise ValueError(f"input moment must be {size}x{size}, got {tuple(moment.shape)}")
+    return moment.double()
+
+
+def psd_sqrt_and_inverse(matrix: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """M^{1/2} and M^{-1/2} of a symmetric PSD matrix, eigenvalues floored relative to the largest."""
+    values, vectors = torch.linalg.eigh(matrix)
+    values = values.clamp_min(values.max().clamp_min(1e-300) * floor)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+
+
+def top_eigenvectors(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and the `count` leading eigenvectors (columns) of a symmetric matrix."""
+    values, vectors = torch.linalg.eigh(matrix)
+    order = values.argsort(descending=True)
+    return values[order].clamp_min(0), vectors[:, order[:count]]

@@ -1,0 +1,152 @@
+"""MFA initialisation: RoPE-preserving key merge, output-weighted value basis, merged queries (DESIGN §4.2).
+
+Keys. RoPE rotates dims (p, p + D/2) of every head by the same angle θ_p·t, so any mix across KV heads
+*within one pair*, applied identically to both components, commutes with it. For each pair p the g heads'
+components z_p, z'_p give C_p = E[z_p z_pᵀ + z'_p z'_pᵀ] (g×g); its eigenvectors u become new key pairs
+(uᵀz_p, uᵀz'_p) rotating at θ_p. The d_K/2 pairs with the largest eigenvalues over all p are kept; with all
+g·D/2 of them the merge is an orthogonal change of basis, hence exact.
+
+Values. With G = blockdiag_j Σ_{i reads j} W_O,iᵀ W_O,i, minimising Σ_i E‖W_O,i(v_γ(i) − v̂_γ(i))‖² is a PCA
+of G^{1/2} v: keep the top d_V eigenvectors Y of G^{1/2} C_V G^{1/2}, cache c = Yᵀ G^{1/2} v, read back
+v̂ = G^{-1/2} Y c (absorbed into the output projection). Exact at d_V = g·D.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .common import input_moment, psd_sqrt_and_inverse, split_bias_column, top_eigenvectors, with_bias_column
+
+
+@dataclass
+class KeyMerge:
+    """A merged key head: weight/bias of its pre-RoPE projection and where each pair came from."""
+
+    weight: torch.Tensor  # (d_K, d)
+    bias: torch.Tensor | None  # (d_K,)
+    pairs: list[int]  # source frequency pair of each new pair, length d_K/2
+    mixing: torch.Tensor  # (d_K/2, g): u_n, the head mix of new pair n
+    relative_error: float  # sqrt(dropped / total energy) of the keys under the input moment
+
+
+@dataclass
+class ValueBasis:
+    """A merged value head: c = weight·x + bias, and v̂_all = read·c for the source's g·D values."""
+
+    weight: torch.Tensor  # (d_V, d)
+    bias: torch.Tensor | None
+    read: torch.Tensor  # (g·D, d_V)
+    relative_error: float  # sqrt(dropped / total) of the output-weighted value energy
+
+
+def _pair_halves(stacked: torch.Tensor, num_groups: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g·D, d') rows -> first and second components of every pair, each (D/2, g, d')."""
+    per_head = stacked.reshape(num_groups, head_dim, -1)
+    half = head_dim // 2
+    return per_head[:, :half].transpose(0, 1), per_head[:, half:].transpose(0, 1)
+
+
+def pair_moments(
+    k_weight: torch.Tensor, k_bias: torch.Tensor | None, num_groups: int, head_dim: int, moment: torch.Tensor | None
+) -> torch.Tensor:
+    """C_p for every frequency pair p: (D/2, g, g), from the input moment (identity when weight-only)."""
+    stacked = with_bias_column(k_weight, k_bias).double()
+    sigma = input_moment(k_weight.shape[1], k_bias is not None, moment)
+    first, second = _pair_halves(stacked, num_groups, head_dim)
+    return first @ sigma @ first.transpose(1, 2) + second @ sigma @ second.transpose(1, 2)
+
+
+def rope_key_merge(
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor | None,
+    num_groups: int,
+    head_dim: int,
+    key_dim: int,
+    moments: torch.Tensor,
+) -> KeyMerge:
+    """Merge g RoPE'd key heads into one of width `key_dim`, keeping the strongest per-pair directions."""
+    total_pairs = num_groups * head_dim // 2
+    if key_dim % 2 or not 2 <= key_dim <= 2 * total_pairs:
+        raise ValueError(f"key width must be even and between 2 and {2 * total_pairs}, got {key_dim}")
+    values, vectors = torch.linalg.eigh(moments)  # (D/2, g), (D/2, g, g)
+    values = values.clamp_min(0)
+    order = values.flatten().argsort(descending=True)[: key_dim // 2]
+    order = order.sort().values  # group by source pair: pair p's directions stay together
+    pairs = (order // num_groups).tolist()
+    mixing = vectors.transpose(1, 2).reshape(-1, num_groups)[order]  # (n, g)
+    stacked = with_bias_column(k_weight, k_bias).double()
+    first, second = _pair_halves(stacked, num_groups, head_dim)
+    index = torch.tensor(pairs)
+    rows = torch.cat(
+        [torch.einsum("ng,ngi->ni", mixing, first[index]), torch.einsum("ng,ngi->ni", mixing, second[index])]
+    )
+    weight, bias = split_bias_column(rows, k_bias is not None)
+    dropped = values.sum() - values.flatten()[order].sum()
+    error = float((dropped.clamp_min(0) / values.sum().clamp_min(1e-300)).sqrt())
+    return KeyMerge(weight.to(k_weight.dtype), _cast(bias, k_weight.dtype), pairs, mixing, error)
+
+
+def merge_queries(
+    q_weight: torch.Tensor, q_bias: torch.Tensor | None, merge: KeyMerge, num_heads: int, head_dim: int
+) -> torch.Tensor:
+    """Each query head mapped into the merged key space: (h, d_K, d') rows, bias as the last column."""
+    num_groups = merge.mixing.shape[1]
+    per_head = with_bias_column(q_weight, q_bias).double().reshape(num_heads, head_dim, -1)
+    group_of_head = torch.arange(num_heads) // (num_heads // num_groups)
+    coeff = merge.mixing.T[group_of_head]  # (h, n): u_n[γ(i)]
+    index, half = torch.tensor(merge.pairs), head_dim // 2
+    return torch.cat([per_head[:, index] * coeff[..., None], per_head[:, index + half] * coeff[..., None]], dim=1)
+
+
+def output_weighted_value_basis(
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    o_weight: torch.Tensor,
+    num_heads: int,
+    num_groups: int,
+    value_dim: int,
+    moment: torch.Tensor | None,
+) -> ValueBasis:
+    """The `value_dim` value directions that matter most after the output projection (see module doc)."""
+    full = v_weight.shape[0]
+    if not 1 <= value_dim <= full:
+        raise ValueError(f"value width must be between 1 and {full}, got {value_dim}")
+    head_dim = full // num_groups
+    o_heads = o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)  # (h, d, D)
+    reads = (o_heads.transpose(1, 2) @ o_heads).reshape(num_groups, num_heads // num_groups, head_dim, head_dim)
+    gram = torch.block_diag(*reads.sum(dim=1))
+    g_half, g_inv_half = psd_sqrt_and_inverse(gram)
+    stacked = with_bias_column(v_weight, v_bias).double()
+    sigma = input_moment(v_weight.shape[1], v_bias is not None, moment)
+    weighted = g_half @ stacked @ sigma @ stacked.T @ g_half
+    values, basis = top_eigenvectors((weighted + weighted.T) / 2, value_dim)
+    weight, bias = split_bias_column(basis.T @ g_half @ stacked, v_bias is not None)
+    error = float(((values.sum() - values[:value_dim].sum()).clamp_min(0) / values.sum().clamp_min(1e-300)).sqrt())
+    return ValueBasis(weight.to(v_weight.dtype), _cast(bias, v_weight.dtype), g_inv_half @ basis, error)
+
+
+def merged_output_projection(
+    o_weight: torch.Tensor, value: ValueBasis, num_heads: int, num_groups: int
+) -> torch.Tensor:
+    """W'_O,i = W_O,i · read_γ(i): (d, h·d_V), the output projection reading the merged value head."""
+    head_dim = value.read.shape[0] // num_groups
+    o_heads = o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)  # (h, d, D)
+    reads = value.read.reshape(num_groups, head_dim, -1).repeat_interleave(num_heads // num_groups, dim=0)
+    merged = o_heads @ reads  # (h, d, d_V)
+    return merged.transpose(0, 1).reshape(o_weight.shape[0], -1).to(o_weight.dtype)
+
+
+def low_rank_queries(
+    rows: torch.Tensor, has_bias: bool, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Query projection (out × d', bias last) -> W_down (C × d), W_up (out × C), up bias. Exact at C ≥ rank."""
+    weight, bias = split_bias_column(rows.double(), has_bias)
+    limit = min(weight.shape)
+    if not 1 <= rank <= limit:
+        raise ValueError(f"query rank must be between 1 and {limit}, got {rank}")
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    return vh[:rank], u[:, :rank] * s[:rank], bias
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
