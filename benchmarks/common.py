@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmark scripts: convert-and-load, one measured row, the Markdown table."""
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import factorconv
+from factorconv.convert import convert
+from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
+from factorconv.evaluate.perplexity import perplexity
+from factorconv.recipe import ConvertOptions
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+
+
+def convert_and_load(source: Path, output: Path, **options) -> tuple[PreTrainedModel, float]:
+    """Convert with the given options; return the loaded fp32 model and the conversion time in seconds."""
+    start = time.perf_counter()
+    folder = convert(ConvertOptions(source=str(source), output=output, overwrite=True, **options), progress=False)
+    seconds = time.perf_counter() - start
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), seconds
+
+
+def measure(
+    method: str, model: PreTrainedModel, tokens: torch.Tensor, seq_len: int, source_ppl: float | None, seconds: float
+) -> dict:
+    ppl = perplexity(model, tokens, seq_len, progress=False)
+    return {
+        "method": method,
+        "kv_bytes": analytic_kv_bytes_per_token(model.config, 4),
+        "kv_measured": measured_kv_bytes_per_token(model),
+        "ppl": ppl,
+        "ratio": ppl / source_ppl if source_ppl else 1.0,
+        "seconds": seconds,
+    }
+
+
+def print_table(rows: list[dict], model: Path, data: Path, tokens: int, seq_len: int) -> None:
+    print(
+        f"model: {model.name}, data: {data.name} ({tokens:,} tokens, windows of {seq_len}), fp32, "
+        f"{platform.machine()} CPU, torch {torch.__version__}, factorconv {factorconv.__version__}\n"
+    )
+    print("| method | KV bytes/token | measured | of source | perplexity | ratio | convert s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base = rows[0]["kv_bytes"]
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['kv_bytes']:,} | {r['kv_measured']:,.0f} | {r['kv_bytes'] / base:.1%} | "
+            f"{r['ppl']:.3f} | {r['ratio']:.2f}x | {r['seconds']:.2f} |"
+        )

@@ -1,0 +1,290 @@
+"""The command line: happy paths, and for every bad input a one-line error, non-zero exit and nothing written."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import VOCAB, random_ids
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from factorconv.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["-q", *map(str, args)])
+
+
+def assert_clean_failure(result, parent, *needles: str) -> str:
+    """Non-zero exit, one `Error: ...` line naming the problem, no traceback, nothing left in `parent`."""
+    assert result.exit_code not in (0, None), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    message = lines[0]
+    assert message.startswith("Error: "), message
+    for needle in needles:
+        assert needle.lower() in message.lower(), (needle, message)
+    if parent is not None:
+        assert list(parent.iterdir()) == [], list(parent.iterdir())
+    return message
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    lines = [line for line in output.splitlines() if line.strip()]
+    header = re.split(r"\s{2,}", lines[0].strip())
+    assert set("-") == set(lines[1].replace(" ", ""))
+    rows = {}
+    for line in lines[2:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == len(header), line
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+@pytest.fixture
+def parent(tmp_path):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tokens.npy"
+    np.save(path, random_ids(1, 300, seed=90)[0].numpy().astype(np.uint16))
+    return path
+
+
+# --- happy paths ------------------------------------------------------------------------------------------------------
+
+
+def test_convert_then_eval(source_dirs, parent, token_file):
+    out = parent / "gqa-tpa"
+    result = run("convert", source_dirs["llama_gqa"], out, "--contextual", "--rank-q", "8")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert [p.name for p in parent.iterdir()] == ["gqa-tpa"]  # no staging left behind
+    config = json.loads((out / "config.json").read_text())
+    assert config["tpa_contextual"] is True and config["tpa_rank_q"] == [8, 8]
+
+    result = run(
+        "eval", out, "--data", token_file, "--compare", source_dirs["llama_gqa"], "--seq-len", 64, "--max-tokens", 250
+    )
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+    rows = table_rows(result.output)
+    assert list(rows) == ["source: llama_gqa", "model: gqa-tpa"]
+    source, model = rows["source: llama_gqa"], rows["model: gqa-tpa"]
+    # Full rank: the same perplexity; a plausible one for random weights over a 128-token vocabulary.
+    assert model["perplexity"] == source["perplexity"]
+    assert 1 < float(source["perplexity"]) < 10 * VOCAB
+    # Contextual full rank caches (2 + 2) * (16 + 8) numbers per layer: 1.5x the source's 2 * 2 * 16.
+    assert source["KV B/token"] == source["KV B/token measured"] == f"{2 * 2 * 16 * 2 * 4:,}"
+    assert model["KV B/token"] == model["KV B/token measured"] == f"{4 * 24 * 2 * 4:,}"
+    assert model["KV vs first"] == "150.0%" and source["KV vs first"] == "100.0%"
+
+
+def test_eval_rank_reduced_text_file(source_dirs, parent, tmp_path):
+    """A .txt file evaluated with the tokenizer that travelled with the weights; lower rank, smaller cache."""
+    out = parent / "r1"
+    assert run("convert", source_dirs["llama_gqa"], out, "--rank-k", "1", "--rank-v", "1").exit_code == 0
+    gen = np.random.default_rng(0)
+    text = tmp_path / "words.txt"
+    text.write_text("\n".join(" ".join(f"w{i}" for i in gen.integers(0, 125, 20)) for _ in range(15)))
+    result = run("eval", out, "--data", text, "--compare", source_dirs["llama_gqa"], "--seq-len", 50)
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.output)
+    source, model = rows["source: llama_gqa"], rows["model: r1"]
+    assert model["KV vs first"] == "50.0%"
+    assert model["KV B/token"] == model["KV B/token measured"] == f"{2 * 16 * 2 * 4:,}"
+    assert float(model["perplexity"]) != float(source["perplexity"])
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": line}) for line in text.read_text().splitlines()))
+    result = run("eval", out, "--data", jsonl, "--seq-len", 50)
+    assert result.exit_code == 0, result.output
+    assert list(table_rows(result.output)) == ["model: r1"]
+
+
+def test_convert_overwrite(source_dirs, parent):
+    out = parent / "out"
+    assert run("convert", source_dirs["llama_mha"], out).exit_code == 0
+    result = run("convert", source_dirs["llama_mha"], out, "--rank-k", "2")
+    assert_clean_failure(result, None, "exists", "--overwrite")
+    assert json.loads((out / "config.json").read_text())["tpa_rank_k"] == [4, 4]  # untouched
+
+    result = run("convert", source_dirs["llama_mha"], out, "--rank-k", "2", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["tpa_rank_k"] == [2, 2]
+    assert [p.name for p in parent.iterdir()] == ["out"]
+
+
+def test_version_and_help():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and "0.1.0" in result.output
+    result = CliRunner().invoke(main, ["convert", "--help"])
+    assert result.exit_code == 0 and "--rank-k" in result.output
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken_source(source_dirs, tmp_path):
+    """A copy of a good source to damage."""
+
+    def make(name: str = "llama_gqa"):
+        folder = tmp_path / "broken"
+        shutil.copytree(source_dirs[name], folder)
+        return folder
+
+    return make
+
+
+def test_unsupported_architecture_gpt2(tmp_path, parent):
+    source = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(source)
+    message = assert_clean_failure(run("convert", source, parent / "out"), parent, "unsupported architecture")
+    assert "GPT2LMHeadModel" in message and "LlamaForCausalLM" in message
+
+
+def test_unsupported_architecture_name(broken_source, parent):
+    source = broken_source()
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = ["FooForCausalLM"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "unsupported architecture FooForCausalLM")
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [
+        ("--rank-k", "99", "--rank-k 99 is out of range"),
+        ("--rank-v", "3", "--rank-v 3 is out of range"),
+        ("--rank-q", "9", "--rank-q 9 is out of range"),
+        ("--rank-k", "0", "rank_k"),
+    ],
+)
+def test_rank_out_of_range(source_dirs, parent, flag, value, needle):
+    assert_clean_failure(run("convert", source_dirs["llama_gqa"], parent / "out", flag, value), parent, needle)
+
+
+def test_missing_safetensors(broken_source, parent):
+    source = broken_source()
+    (source / "model.safetensors").unlink()
+    assert [p.name for p in source.iterdir() if p.suffix == ".safetensors"] == []
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "no model.safetensors")
+
+
+def test_config_only_folder(source_dirs, tmp_path, parent):
+    source = tmp_path / "config_only"
+    source.mkdir()
+    shutil.copy(source_dirs["llama_gqa"] / "config.json", source / "config.json")
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "safetensors")
+
+
+def test_corrupt_safetensors(broken_source, parent):
+    source = broken_source()
+    (source / "model.safetensors").write_bytes(b"this is not a safetensors file" * 100)
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "corrupt", "model.safetensors")
+
+
+def test_truncated_safetensors(broken_source, parent):
+    source = broken_source()
+    data = (source / "model.safetensors").read_bytes()
+    (source / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "model.safetensors")
+
+
+def test_missing_shard(tmp_path, source_model, parent):
+    source = tmp_path / "sharded"
+    source_model("llama_gqa").save_pretrained(source, max_shard_size="20KB")
+    shards = sorted(source.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "missing shard", shards[-1].name)
+
+
+def test_missing_layers_cleans_staging(broken_source, parent):
+    """An error found only after writing started still leaves no output and no staging folder."""
+    source = broken_source()
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (source / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "attention weights for 2 of 3 layers")
+
+
+def test_source_is_a_file(source_dirs, parent):
+    assert_clean_failure(
+        run("convert", source_dirs["llama_gqa"] / "config.json", parent / "out"), parent, "is a file"
+    )
+
+
+def test_output_exists_without_overwrite(source_dirs, parent):
+    out = parent / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_clean_failure(run("convert", source_dirs["llama_gqa"], out), None, "exists", "--overwrite")
+    assert [p.name for p in parent.iterdir()] == ["taken"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unknown_dtype(source_dirs, parent):
+    assert_clean_failure(
+        run("convert", source_dirs["llama_gqa"], parent / "out", "--dtype", "float8"), parent, "dtype"
+    )
+
+
+def test_unknown_device(source_dirs, parent):
+    assert_clean_failure(
+        run("convert", source_dirs["llama_gqa"], parent / "out", "--device", "tpu9"), parent, "device", "tpu9"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device(source_dirs, parent):
+    assert_clean_failure(
+        run("convert", source_dirs["llama_gqa"], parent / "out", "--device", "cuda"), parent, "not available"
+    )
+
+
+@pytest.mark.parametrize("size", ["lots", "12XB", "0", "0.0001KB", "-5MB"])
+def test_bad_max_shard_size(source_dirs, parent, size):
+    assert_clean_failure(
+        run("convert", source_dirs["llama_gqa"], parent / "out", "--max-shard-size", size), parent, "shard size"
+    )
+
+
+def test_nonexistent_source_path(tmp_path, parent):
+    missing = tmp_path / "no" / "such" / "model"
+    assert_clean_failure(run("convert", missing, parent / "out"), parent, str(missing), "neither a local folder")
+
+
+def test_eval_text_without_tokenizer(converted, tmp_path):
+    text = tmp_path / "words.txt"
+    text.write_text("w1 w2 w3 w4")
+    assert_clean_failure(run("eval", converted("llama_mha"), "--data", text), None, "no tokenizer")
+
+
+def test_eval_missing_data_file(converted, tmp_path):
+    assert_clean_failure(
+        run("eval", converted("llama_mha"), "--data", tmp_path / "nope.npy"), None, "nope.npy", "not found"
+    )
+
+
+def test_eval_seq_len_beyond_context(converted, token_file):
+    assert_clean_failure(
+        run("eval", converted("llama_mha"), "--data", token_file, "--seq-len", "4096"), None, "exceeds", "128"
+    )
+
+
+def test_eval_bad_jsonl(converted, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "w1 w2"}\nnot json\n')
+    assert_clean_failure(run("eval", converted("llama_gqa"), "--data", data), None, "text")
