@@ -27,7 +27,7 @@ from factorconv.convert import convert
 from factorconv.recipe import ConvertOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is fastest and robust to a busy machine
 
 # The real checkpoints and texts live beside the checkout: <repo>/../shared/real.
 REAL = Path(__file__).parents[2] / "shared" / "real"

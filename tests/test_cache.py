@@ -273,3 +273,53 @@ def test_masked_scores_conventions():
     assert _masked_scores(scores, boolean)[0, 0, 0, 1] < -1e30
     additive = torch.full((1, 1, 2, 3), -5.0)
     assert torch.equal(_masked_scores(scores, additive), additive)
+
+
+def test_eager_decode_with_left_padding(converted, load_model):
+    """The decode path with eager's additive float masks (sdpa hands it boolean ones)."""
+    folder = converted("llama_gqa", contextual=True, rank_k=1)
+    eager = randomize_head_proj(load_model(folder, attn_implementation="eager"), seed=3)
+    sdpa = randomize_head_proj(load_model(folder), seed=3)
+    ids = random_ids(2, 8, seed=90)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    a = generate(eager, ids, 8, mask=mask)
+    b = generate(sdpa, ids, 8, mask=mask)
+    single = generate(eager, ids[1:, 3:], 8)
+    assert torch.equal(a, b)
+    assert torch.equal(a[1, 8:], single[0, 5:])
+
+
+def test_per_layer_ranks():
+    """The model supports a different rank in every layer; cache widths and bytes follow."""
+    torch.manual_seed(91)
+    config = FactorConvConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tpa_rank_k=[1, 2, 3],
+        tpa_rank_v=[3, 1, 2],
+        tpa_contextual=True,
+    )
+    model = FactorConvForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    ids = random_ids(1, 6, seed=92)
+    out = generate(model, ids, 6, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, generate(model, ids, 6, use_cache=False))
+    widths = [layer.keys.shape[-1] + layer.values.shape[-1] for layer in out.past_key_values.layers]
+    assert widths == [config.kv_cache_width(i) for i in range(3)] == [4 * 20, 3 * 20, 5 * 20]
+    tokens = out.past_key_values.get_seq_length()
+    assert cache_bytes(out.past_key_values) / tokens == analytic_kv_bytes_per_token(config, 4) == 12 * 20 * 4
+
+    with pytest.raises(ValueError, match="tpa_rank_k has 2 entries but the model has 3 layers"):
+        FactorConvConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, tpa_rank_k=[1, 2])
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FactorConvConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, attention="mla")

@@ -288,3 +288,70 @@ def test_eval_bad_jsonl(converted, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "w1 w2"}\nnot json\n')
     assert_clean_failure(run("eval", converted("llama_gqa"), "--data", data), None, "text")
+
+
+def test_eval_token_ids_beyond_vocabulary(converted, tmp_path):
+    """Ids from another tokenizer are a user error: a one-line message, not an IndexError traceback."""
+    data = tmp_path / "other_tokenizer.npy"
+    np.save(data, np.arange(100, 400, dtype=np.int64))  # vocabulary is 128
+    assert_clean_failure(run("eval", converted("llama_mha"), "--data", data, "--seq-len", "32"), None, "vocab")
+
+
+def test_overwrite_output_that_is_a_file(source_dirs, parent):
+    """--overwrite onto an existing *file*: replaced, or a one-line error; never a traceback or staging debris."""
+    out = parent / "taken"
+    out.write_text("not a folder")
+    result = run("convert", source_dirs["llama_gqa"], out, "--overwrite")
+    if result.exit_code == 0:
+        assert (out / "config.json").is_file()
+        assert [p.name for p in parent.iterdir()] == ["taken"]
+    else:
+        assert_clean_failure(result, None, str(out))
+        assert [p.name for p in parent.iterdir()] == ["taken"]
+
+
+# --- the evaluation library -------------------------------------------------------------------------------------------
+
+
+def test_perplexity_predicts_every_token_once(source_model):
+    """Windows of seq_len overlap by one token, so every token after the first is predicted exactly once."""
+    from factorconv.evaluate.perplexity import perplexity
+
+    model = source_model("llama_mha")
+    tokens = random_ids(1, 150, seed=93)[0]
+    seq_len = 40  # windows start at 0, 39, 78, 117; the last one (33 tokens) is shorter and batched with padding
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 149, seq_len - 1):
+            window = tokens[start : start + seq_len][None]
+            loss = model(window, labels=window).loss
+            total += float(loss) * (window.shape[1] - 1)
+            count += window.shape[1] - 1
+    assert count == 149
+    expected = float(np.exp(total / count))
+    for batch_size in (1, 3, 8):
+        got = perplexity(model, tokens, seq_len, batch_size=batch_size, progress=False)
+        assert got == pytest.approx(expected, rel=1e-5)
+    # One window covering everything is the plain full-context perplexity.
+    with torch.no_grad():
+        full = float(np.exp(float(model(tokens[None], labels=tokens[None]).loss)))
+    assert perplexity(model, tokens, 150, progress=False) == pytest.approx(full, rel=1e-5)
+
+
+def test_load_tokens(tmp_path):
+    from factorconv.errors import FactorConvError
+    from factorconv.evaluate.data import load_tokens
+
+    from conftest import tiny_tokenizer
+
+    npy = tmp_path / "ids.npy"
+    np.save(npy, np.array([[5, 6, 7], [8, 9, 10]], dtype=np.uint16))
+    assert load_tokens(npy).tolist() == [5, 6, 7, 8, 9, 10]
+    assert load_tokens(npy, max_tokens=4).tolist() == [5, 6, 7, 8]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "w0 w1"}\n\n{"text": "w2"}\n')
+    assert load_tokens(jsonl, tiny_tokenizer()).tolist() == [3, 4, 5]
+    with pytest.raises(FactorConvError, match="fewer than 2 tokens"):
+        load_tokens(npy, max_tokens=1)
+    with pytest.raises(FactorConvError, match="not found"):
+        load_tokens(tmp_path / "missing.txt")

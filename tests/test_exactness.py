@@ -171,3 +171,161 @@ def test_rank_reduced_model_generates(converted, load_model, source_model):
     # It is an approximation: logits differ from the source's, but not wildly.
     diff = (logits - _logits(source_model("llama_mha"), gen)).abs().max()
     assert 1e-3 < diff < 100
+
+
+# --- more source variants, built on the spot ----------------------------------------------------------------------
+
+
+def _extra_source(tmp_path, config, model_class=None, seed=0):
+    from conftest import build_source, SourceSpec
+    from transformers import LlamaForCausalLM
+
+    spec = SourceSpec("extra", model_class or LlamaForCausalLM, config)
+    return build_source(spec, tmp_path / "source", seed=seed)
+
+
+def _convert(source, output, **options):
+    from factorconv.convert import convert
+    from factorconv.recipe import ConvertOptions
+
+    return convert(ConvertOptions(source=str(source), output=output, **options), progress=False)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ],
+    ids=lambda r: r["rope_type"],
+)
+def test_other_rope_types(rope, tmp_path):
+    from conftest import TINY
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**TINY, "max_position_embeddings": 64}, num_attention_heads=4, num_key_value_heads=2)
+    config.rope_parameters = rope
+    source_dir = _extra_source(tmp_path, config, seed=5)
+    out = _convert(source_dir, tmp_path / "out", contextual=True)
+    source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
+    ids = random_ids(1, 90, seed=12)  # longer than the 64-token context: dynamic scaling kicks in
+    torch.testing.assert_close(_logits(model, ids), _logits(source, ids), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        gen = model.generate(ids[:, :60], max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+        ref = source.generate(ids[:, :60], max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, ref)
+
+
+def test_many_layers_and_mlp_bias(tmp_path):
+    """12 layers (layer 10 sorts after 9, not after 1) and Llama's mlp_bias."""
+    from conftest import TINY
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        **{**TINY, "num_hidden_layers": 12, "hidden_size": 32, "head_dim": 8, "intermediate_size": 48},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=True,
+    )
+    source_dir = _extra_source(tmp_path, config, seed=6)
+    out = _convert(source_dir, tmp_path / "out", rank_k=1)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert [layer["layer"] for layer in report["layers"]] == list(range(12))
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.mlp_bias is True and model.config.tpa_rank_k == [1] * 12
+    full = AutoModelForCausalLM.from_pretrained(_convert(source_dir, tmp_path / "full")).eval()
+    source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    ids = random_ids(2, 20, seed=13)
+    torch.testing.assert_close(_logits(full, ids), _logits(source, ids), atol=ATOL, rtol=0)
+    assert torch.isfinite(_logits(model, ids)).all()
+
+
+def test_sliding_window_warning(tmp_path, caplog):
+    from conftest import TINY
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    source_dir = _extra_source(tmp_path, config, MistralForCausalLM, seed=7)
+    with caplog.at_level("WARNING", logger="factorconv"):
+        _convert(source_dir, tmp_path / "out")
+    assert any("16-token sliding window" in r.getMessage() for r in caplog.records)
+
+
+def test_loss_and_hidden_states_match_source(source_model, converted, load_model):
+    source, model = source_model("qwen2_gqa"), load_model(converted("qwen2_gqa", rank_q=4))
+    ids = random_ids(2, 30, seed=14)
+    with torch.no_grad():
+        a = source(ids, labels=ids, output_hidden_states=True)
+        b = model(ids, labels=ids, output_hidden_states=True)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=0)
+    assert len(a.hidden_states) == len(b.hidden_states) == 3
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(y, x, atol=ATOL, rtol=0)
+
+
+def test_contextual_model_trains(converted):
+    """A = 0 at conversion; gradients reach it (with gradient checkpointing on), so training can move it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(converted("llama_gqa", contextual=True, rank_k=1))
+    model.train()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    ids = random_ids(2, 16, seed=15)
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "head_proj" in n}
+    assert len(grads) == 2 * 2  # k and v products of 2 layers
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
+    before = float(loss.detach())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.step()
+        opt.zero_grad()
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    assert float(loss) < before
+    assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "head_proj" in n)
+
+
+def test_whitened_factorization_is_optimal_in_the_whitened_norm(source_dirs, source_model):
+    """With L (LLᵀ = E[x̃x̃ᵀ]) the factors minimize ‖(W − Ŵ) L‖ and beat the plain factors in that norm."""
+    cfg = source_model("qwen2_gqa").config
+    groups, heads = cfg.num_key_value_heads, cfg.num_attention_heads
+    weight, bias = _attention_weights(source_dirs["qwen2_gqa"], 0, "k")
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(500, weight.shape[1], generator=gen) * torch.linspace(0.1, 3.0, weight.shape[1])
+    x = torch.cat([x, torch.ones(500, 1)], dim=1)
+    whitening = torch.linalg.cholesky(x.T @ x / 500)
+    stacked = torch.cat([weight, bias[:, None]], dim=1).double()
+
+    def whitened_error(init):
+        per_group = per_head_projection(init).reshape(heads, -1, stacked.shape[1])[:: heads // groups]
+        diff = (stacked - per_group.reshape(stacked.shape)) @ whitening.double()
+        return float(diff.norm() / (stacked @ whitening.double()).norm())
+
+    plain = tensor_product_init(weight, bias, groups, heads, 1)
+    whitened = tensor_product_init(weight, bias, groups, heads, 1, whitening=whitening)
+    s = torch.linalg.svdvals((stacked @ whitening.double()).reshape(groups, -1))
+    optimal = float((s[1:].pow(2).sum() / s.pow(2).sum()).sqrt())
+    assert whitened_error(whitened) == pytest.approx(optimal, abs=1e-5)
+    assert whitened_error(whitened) < whitened_error(plain) - 1e-3
+    # In the plain weight norm it is the other way round.
+    assert relative_error(weight, bias, plain, groups, heads) < relative_error(weight, bias, whitened, groups, heads)
+
+
+def test_factorization_input_checks():
+    weight = torch.randn(32, 64)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        tensor_product_init(weight, None, 2, 4, 3)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        tensor_product_init(weight, None, 2, 4, 0)
+    with pytest.raises(ValueError, match="equal groups"):
+        group_indicator(3, 4)

@@ -65,7 +65,12 @@ def _child_env(tmp: Path, extra_path: Path | None = None) -> dict[str, str]:
     env.pop("PYTHONPATH", None)
     if extra_path is not None:
         env["PYTHONPATH"] = str(extra_path)
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp / "hf_modules"), TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp / "hf_modules"),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
     return env
 
 

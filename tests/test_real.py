@@ -1,0 +1,93 @@
+"""A real pretrained checkpoint (stories260K, GQA 8 heads / 4 KV heads, tied embeddings) and real text.
+
+Skipped when ../shared/real (beside the checkout) is absent.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import REAL
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factorconv.convert import convert
+from factorconv.convert.artifacts import REPORT_FILE
+from factorconv.evaluate.data import load_tokens
+from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
+from factorconv.evaluate.perplexity import perplexity
+from factorconv.recipe import ConvertOptions
+
+SOURCE = REAL / "stories260K-hf"
+VALID_TEXT = REAL / "tinystories" / "TinyStories-valid.txt"
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(
+        not (SOURCE / "config.json").is_file() or not VALID_TEXT.is_file(), reason="needs ../shared/real"
+    ),
+]
+
+SEQ_LEN, MAX_TOKENS = 256, 4096
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+
+    def conv(name: str, **options):
+        return convert(ConvertOptions(source=str(SOURCE), output=root / name, **options), progress=False)
+
+    source = AutoModelForCausalLM.from_pretrained(SOURCE, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(SOURCE)
+    tokens = load_tokens(VALID_TEXT, tokenizer, max_tokens=MAX_TOKENS)
+    return dict(convert=conv, source=source, tokenizer=tokenizer, tokens=tokens)
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_full_rank_perplexity_equals_source(real):
+    out = real["convert"]("full")
+    model = _load(out)
+    assert model.config.tie_word_embeddings
+    assert model.config.tpa_rank_k == [4] * 5 and model.config.num_key_value_heads == 4
+    tokens = real["tokens"]
+    assert tokens.numel() == MAX_TOKENS
+    assert tokens[0].item() == real["tokenizer"].bos_token_id
+
+    ppl_source = perplexity(real["source"], tokens, SEQ_LEN, progress=False)
+    ppl_model = perplexity(model, tokens, SEQ_LEN, progress=False)
+    assert 2.0 < ppl_source < 20.0  # a trained model on its own domain
+    assert ppl_model == pytest.approx(ppl_source, rel=1e-4)
+
+    # The tokenizer travelled with the weights and tokenizes identically.
+    assert torch.equal(load_tokens(VALID_TEXT, AutoTokenizer.from_pretrained(out), max_tokens=MAX_TOKENS), tokens)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert all(layer["key_error"] < 1e-6 and layer["value_error"] < 1e-6 for layer in report["layers"])
+
+
+def test_full_rank_greedy_story_equals_source(real):
+    model = _load(real["convert"]("full_contextual", contextual=True))
+    bos = torch.tensor([[real["tokenizer"].bos_token_id]])
+    kwargs = dict(max_new_tokens=60, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ours = model.generate(bos, attention_mask=torch.ones_like(bos), **kwargs)
+        theirs = real["source"].generate(bos, attention_mask=torch.ones_like(bos), **kwargs)
+    assert torch.equal(ours, theirs)
+    assert len(real["tokenizer"].decode(ours[0], skip_special_tokens=True).split()) > 10
+
+
+def test_rank_reduction_trades_bytes_for_perplexity(real):
+    tokens = real["tokens"][:2048]
+    ppl_source = perplexity(real["source"], tokens, SEQ_LEN, progress=False)
+    results = {}
+    for rank in (4, 2, 1):
+        model = _load(real["convert"](f"r{rank}", rank_k=rank, rank_v=rank))
+        per_token = analytic_kv_bytes_per_token(model.config, 4)
+        assert per_token == 2 * rank * 8 * 5 * 4
+        assert measured_kv_bytes_per_token(model) == per_token
+        results[rank] = perplexity(model, tokens, SEQ_LEN, progress=False)
+    assert results[4] == pytest.approx(ppl_source, rel=1e-4)
+    assert ppl_source < results[2] < results[1]
+    assert all(torch.isfinite(torch.tensor(v)) for v in results.values())
