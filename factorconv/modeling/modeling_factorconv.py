@@ -308,14 +308,16 @@ class SharedKVAttention(nn.Module):
         self.q_down = nn.Linear(hidden, rank, bias=False) if rank is not None else None
         self.q_norm = FactorConvRMSNorm(rank, config.rms_norm_eps) if rank is not None and config.query_norm else None
         self.q_up = nn.Linear(rank, width, bias=config.qkv_bias) if rank is not None else None
-        self.rope_pairs = list(config.rope_pair_index[layer_idx])
+        self.rope_pairs = [int(p) for p in config.rope_pair_index[layer_idx]]
         self.rotary_width = 2 * len(self.rope_pairs)
+        self._gather: dict[torch.device, torch.Tensor] = {}
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
         """Rotate the first `rotary_width` dims of x, pair n at source frequency rope_pairs[n]."""
-        half = self.config.head_dim // 2
-        pairs = torch.tensor(self.rope_pairs, device=cos.device)
-        gather = torch.cat([pairs, pairs + half])
+        gather = self._gather.get(cos.device)
+        if gather is None:  # built once per device, not in every forward
+            pairs, half = torch.tensor(self.rope_pairs, device=cos.device), self.config.head_dim // 2
+            gather = self._gather[cos.device] = torch.cat([pairs, pairs + half])
         rotated = apply_rope(x[..., : self.rotary_width], cos[..., gather], sin[..., gather], unsqueeze_dim)
         return torch.cat([rotated, x[..., self.rotary_width :]], dim=-1)
 
@@ -329,6 +331,15 @@ class SharedKVAttention(nn.Module):
         return self._rope(q, cos, sin, unsqueeze_dim=1)
 
     def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, H, L, d) queries against one (B, 1, T, d) key/value head; returns (B, L, H, d_V)."""
+        if query.shape[2] == 1 and not self.training:
+            # Decoding: fold the heads into the query axis, so the one cached head is read once, never copied
+            # per query head; a (B, 1, 1, T) padding mask broadcasts over the folded heads.
+            mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
+            out = nn.functional.scaled_dot_product_attention(
+                query.transpose(1, 2), key, value, attn_mask=mask, scale=self.scaling
+            )
+            return out, None
         attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         return attention_fn(
             self,
