@@ -6,12 +6,17 @@ so several tests can share one conversion.
 """
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
-import torch
-from transformers import (
+# Offline before huggingface_hub is imported (it reads these once): no test may reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
@@ -22,11 +27,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import factorconv  # noqa: F401  (registers the factorconv Auto classes)
-from factorconv.convert import convert
-from factorconv.recipe import ConvertOptions
+import factorconv  # noqa: E402, F401  (registers the factorconv Auto classes)
+from factorconv.convert import convert  # noqa: E402
+from factorconv.recipe import ConvertOptions  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is fastest and robust to a busy machine
 
 # The real checkpoints and texts live beside the checkout: <repo>/../shared/real.

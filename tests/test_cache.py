@@ -323,3 +323,18 @@ def test_per_layer_ranks():
         FactorConvConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, tpa_rank_k=[1, 2])
     with pytest.raises(ValueError, match="attention must be one of"):
         FactorConvConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, attention="mla")
+
+
+def test_prompt_lookup_decoding_and_inputs_embeds(models):
+    """Assisted decoding verifies several tokens at once against the cache and crops it on rejection."""
+    model = models["contextual"]
+    ids = random_ids(1, 12, seed=93)
+    ids[0, 6:] = ids[0, :6]  # repeated n-grams give the prompt-lookup candidates
+    plain = generate(model, ids, 12)
+    assert torch.equal(generate(model, ids, 12, prompt_lookup_num_tokens=3), plain)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model.generate(
+            inputs_embeds=embeds, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(from_embeds, plain[:, 12:])

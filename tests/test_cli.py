@@ -1,6 +1,7 @@
 """The command line: happy paths, and for every bad input a one-line error, non-zero exit and nothing written."""
 
 import json
+import os
 import re
 import shutil
 
@@ -124,6 +125,25 @@ def test_convert_overwrite(source_dirs, parent):
     assert [p.name for p in parent.iterdir()] == ["out"]
 
 
+def test_real_entry_point_prints_one_line(source_dirs, tmp_path):
+    """`python -m factorconv` (not CliRunner): the error is one stderr line, no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "factorconv", "convert", str(source_dirs["llama_gqa"]), str(tmp_path / "o"), "--rank-k", "99"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "Error: --rank-k 99 is out of range: it must be between 1 and 2 (the source's KV heads)"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
 def test_version_and_help():
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and "0.1.0" in result.output
@@ -211,6 +231,29 @@ def test_missing_shard(tmp_path, source_model, parent):
     assert_clean_failure(run("convert", source, parent / "out"), parent, "missing shard", shards[-1].name)
 
 
+def test_index_lists_missing_tensor(tmp_path, source_model, parent):
+    source = tmp_path / "sharded"
+    source_model("llama_gqa").save_pretrained(source, max_shard_size="20KB")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    first_shard = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.layers.0.self_attn.ghost.weight"] = first_shard
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "lacks tensors", "ghost")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"weight_map_missing": {}}'])
+def test_corrupt_index(broken_source, parent, content):
+    source = broken_source()
+    (source / "model.safetensors.index.json").write_text(content)
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "corrupt model.safetensors.index.json")
+
+
+def test_invalid_config_json(broken_source, parent):
+    source = broken_source()
+    (source / "config.json").write_text("{not json")
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "cannot read", "config.json")
+
+
 def test_missing_layers_cleans_staging(broken_source, parent):
     """An error found only after writing started still leaves no output and no staging folder."""
     source = broken_source()
@@ -247,6 +290,25 @@ def test_unknown_device(source_dirs, parent):
     )
 
 
+@pytest.mark.parametrize("device", ["xpu", "meta"])
+def test_device_torch_knows_but_cannot_use(source_dirs, parent, device):
+    """Device types torch parses but that cannot convert here get the same one-line error as cuda/mps."""
+    assert_clean_failure(
+        run("convert", source_dirs["llama_gqa"], parent / "out", "--device", device), parent, "device", device
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--to", "mfa", "--rank-k", "1"], "rank_k applies to --to tpa"),
+        (["--contextual", "--key-dim", "8"], "key_dim applies to --to mfa"),
+    ],
+)
+def test_options_for_another_target(source_dirs, parent, args, needle):
+    assert_clean_failure(run("convert", source_dirs["llama_gqa"], parent / "out", *args), parent, needle)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device(source_dirs, parent):
     assert_clean_failure(
@@ -264,6 +326,13 @@ def test_bad_max_shard_size(source_dirs, parent, size):
 def test_nonexistent_source_path(tmp_path, parent):
     missing = tmp_path / "no" / "such" / "model"
     assert_clean_failure(run("convert", missing, parent / "out"), parent, str(missing), "neither a local folder")
+
+
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="only offline: never reach the Hub")
+def test_hub_id_not_available_offline(parent):
+    assert_clean_failure(
+        run("convert", "no-such-org/no-such-model", parent / "out"), parent, "could not download no-such-org/no-such-model"
+    )
 
 
 def test_eval_text_without_tokenizer(converted, tmp_path):

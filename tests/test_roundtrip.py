@@ -267,6 +267,32 @@ def test_output_folder_contents(converted, source_dirs):
     assert AutoTokenizer.from_pretrained(folder)("w1 w2")["input_ids"] == [4, 5]
 
 
+def test_auto_dtype_follows_the_source(tmp_path, source_model):
+    source = tmp_path / "bf16_source"
+    copy_of = type(source_model("llama_gqa")).from_pretrained(source_model("llama_gqa").name_or_path)
+    copy_of.to(torch.bfloat16).save_pretrained(source)
+    out = convert(ConvertOptions(source=str(source), output=tmp_path / "out"), progress=False)
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["kv_bytes_per_token"]["converted"] == 2 * 2 * 16 * 2 * 2
+
+
+def test_resaved_model_stays_self_contained(tmp_path, converted):
+    """Load (factorconv imported), save_pretrained (e.g. after fine-tuning): the new folder must still load with
+    trust_remote_code where factorconv is missing, since its config.json keeps the auto_map."""
+    from transformers import AutoModelForCausalLM
+
+    resaved = tmp_path / "resaved"
+    model = AutoModelForCausalLM.from_pretrained(converted("llama_gqa", rank_k=1))
+    model.save_pretrained(resaved)
+    config = json.loads((resaved / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_factorconv.FactorConvForCausalLM"
+    for name in ("configuration_factorconv.py", "modeling_factorconv.py"):
+        assert (resaved / name).is_file(), f"{name} missing: auto_map points at code that is not in the folder"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_dtype_option(dtype, tmp_path, source_dirs, source_model):
     out = convert(
