@@ -86,14 +86,9 @@ def sharded(converted):
     return converted("llama_gqa", max_shard_size="20KB", contextual=True)
 
 
-def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted, sharded, load_model):
-    folders = [
-        converted("llama_gqa"),
-        converted("qwen2_gqa", contextual=True, rank_q=4, rank_k=1),
-        converted("llama3_rope"),
-        sharded,
-    ]
-    # A package that shadows the installed (editable) factorconv and refuses to import.
+def run_without_factorconv(tmp_path: Path, folders: list[Path], ids: torch.Tensor) -> tuple[dict, Path]:
+    """Load each folder with trust_remote_code in a fresh interpreter, run from outside the repo, where
+    `import factorconv` fails (a shadowing package that raises ImportError comes first on sys.path)."""
     shadow = tmp_path / "shadow"
     (shadow / "factorconv").mkdir(parents=True)
     (shadow / "factorconv" / "__init__.py").write_text("raise ImportError('factorconv is not installed here')\n")
@@ -101,11 +96,9 @@ def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted,
     work.mkdir()
     (work / "child.py").write_text(CHILD)
     (work / "jobs.json").write_text(json.dumps([str(f) for f in folders]))
-    ids = random_ids(2, 12, seed=80)
     np.save(work / "ids.npy", ids.numpy())
     results = work / "results"
     results.mkdir()
-
     proc = subprocess.run(
         [sys.executable, "child.py", "jobs.json", "ids.npy", str(results)],
         cwd=work,
@@ -118,6 +111,10 @@ def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted,
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((results / "report.json").read_text())
     assert report["factorconv_loaded"] is False
+    return report, results
+
+
+def assert_same_as_in_process(report: dict, results: Path, folders: list[Path], ids: torch.Tensor, load_model):
     for i, folder in enumerate(folders):
         entry = report[str(folder)]
         assert entry["class_module"].startswith("transformers_modules."), entry
@@ -128,6 +125,18 @@ def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted,
         got = torch.from_numpy(np.load(results / f"logits{i}.npy"))
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         assert torch.equal(torch.from_numpy(np.load(results / f"tokens{i}.npy")), _generate(model, ids))
+
+
+def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted, sharded, load_model):
+    folders = [
+        converted("llama_gqa"),
+        converted("qwen2_gqa", contextual=True, rank_q=4, rank_k=1),
+        converted("llama3_rope"),
+        sharded,
+    ]
+    ids = random_ids(2, 12, seed=80)
+    report, results = run_without_factorconv(tmp_path, folders, ids)
+    assert_same_as_in_process(report, results, folders, ids, load_model)
 
 
 def test_loads_without_remote_code_once_factorconv_is_imported(tmp_path, converted, load_model):
@@ -279,18 +288,21 @@ def test_auto_dtype_follows_the_source(tmp_path, source_model):
     assert report["kv_bytes_per_token"]["converted"] == 2 * 2 * 16 * 2 * 2
 
 
-def test_resaved_model_stays_self_contained(tmp_path, converted):
+def test_resaved_model_stays_self_contained(tmp_path, converted, load_model):
     """Load (factorconv imported), save_pretrained (e.g. after fine-tuning): the new folder must still load with
     trust_remote_code where factorconv is missing, since its config.json keeps the auto_map."""
     from transformers import AutoModelForCausalLM
 
     resaved = tmp_path / "resaved"
-    model = AutoModelForCausalLM.from_pretrained(converted("llama_gqa", rank_k=1))
+    model = AutoModelForCausalLM.from_pretrained(converted("llama_gqa", rank_k=1, contextual=True))
     model.save_pretrained(resaved)
     config = json.loads((resaved / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_factorconv.FactorConvForCausalLM"
     for name in ("configuration_factorconv.py", "modeling_factorconv.py"):
         assert (resaved / name).is_file(), f"{name} missing: auto_map points at code that is not in the folder"
+    ids = random_ids(1, 9, seed=85)
+    report, results = run_without_factorconv(tmp_path, [resaved], ids)
+    assert_same_as_in_process(report, results, [resaved], ids, load_model)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
