@@ -27,13 +27,16 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise FactorConvError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise FactorConvError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto")
+    usable = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }[device.type]
+    if not usable:
         raise FactorConvError(f"device {name} is not available here; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise FactorConvError("device mps is not available here; use --device cpu or auto")
     return device
 
 
@@ -42,6 +45,8 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     output = Path(options.output)
     if output.exists() and not options.overwrite:
         raise FactorConvError(f"output folder {output} exists; pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise FactorConvError(f"output {output} is a file, not a folder; pass another output path")
     device = resolve_device(options.device)
     max_shard = parse_size(options.max_shard_size)
     source = SourceCheckpoint(resolve_source(options.source, options.revision))

@@ -73,6 +73,11 @@ def evaluate(
     rows = []
     for label, folder in zip(["model", "source"], folders):
         model = load_model(folder, device, DTYPES[dtype])
+        if int(tokens.max()) >= model.config.vocab_size:
+            raise FactorConvError(
+                f"{data} has token id {int(tokens.max())} but {folder.name}'s vocabulary has "
+                f"{model.config.vocab_size} entries; tokenize the data with this model's tokenizer"
+            )
         length = seq_len or min(model.config.max_position_embeddings, 2048)
         if length > model.config.max_position_embeddings:
             raise FactorConvError(

@@ -136,4 +136,7 @@ class FactorConvConfig(PreTrainedConfig):
         return (self.tpa_rank_k[layer_idx] + self.tpa_rank_v[layer_idx]) * per_rank
 
 
+# Saving a loaded model copies this file next to the weights and keeps auto_map pointing at it.
+FactorConvConfig.register_for_auto_class("AutoConfig")
+
 __all__ = ["FactorConvConfig"]

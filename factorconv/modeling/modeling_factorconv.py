@@ -574,4 +574,7 @@ class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
         )
 
 
+# Saving a loaded model copies this file next to the weights and keeps auto_map pointing at it.
+FactorConvForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
 __all__ = ["FactorCacheLayer", "FactorConvForCausalLM", "FactorConvModel", "FactorConvPreTrainedModel"]
