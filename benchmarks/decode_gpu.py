@@ -103,7 +103,10 @@ def main() -> None:
                 )
                 seconds = time.perf_counter() - start
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
-            rows.append({"model": name, "convert_s": seconds, **run(model, args.batch, args.prompt, args.new)})
+            try:
+                rows.append({"model": name, "convert_s": seconds, **run(model, args.batch, args.prompt, args.new)})
+            except torch.OutOfMemoryError:
+                rows.append({"model": name, "convert_s": seconds, "oom": True})
             del model
             torch.cuda.empty_cache()
     print(
@@ -113,6 +116,9 @@ def main() -> None:
     print("| model | KV bytes/token | cache GiB | peak GiB | prefill s | decode tok/s | convert s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if r.get("oom"):
+            print(f"| {r['model']} | out of memory | | | | | {r['convert_s']:.1f} |")
+            continue
         print(
             f"| {r['model']} | {r['bytes_per_token']:,.0f} | {r['cache_gib']:.2f} | {r['peak_gib']:.1f} | "
             f"{r['prefill_s']:.2f} | {r['decode_tok_s']:,.0f} | {r['convert_s']:.1f} |"

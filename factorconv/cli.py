@@ -7,6 +7,7 @@ import click
 from pydantic import ValidationError
 from transformers.utils import logging as transformers_logging
 
+from . import __version__
 from .errors import FactorConvError
 
 
@@ -22,7 +23,7 @@ def _options_error(err: ValidationError) -> str:
 
 
 @click.group()
-@click.version_option(package_name="factorconv")
+@click.version_option(version=__version__, prog_name="factorconv")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx: click.Context, quiet: bool) -> None:

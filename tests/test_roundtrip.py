@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import factorconv
 import yaml
 from conftest import random_ids
 from safetensors import safe_open
@@ -161,10 +163,11 @@ def test_loads_without_remote_code_once_factorconv_is_imported(tmp_path, convert
             np.save("logits.npy", model(torch.from_numpy(np.load("ids.npy"))).logits.numpy())
         """
     )
+    package_root = Path(factorconv.__file__).resolve().parents[1]  # importable whether installed or not
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
-        env=_child_env(tmp_path),
+        env=_child_env(tmp_path, extra_path=package_root),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -14,14 +14,16 @@ def split_bias_column(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Te
     return augmented[:, :-1].contiguous(), augmented[:, -1].contiguous()
 
 
-def input_moment(in_features: int, has_bias: bool, moment: torch.Tensor | None) -> torch.Tensor:
+def input_moment(
+    in_features: int, has_bias: bool, moment: torch.Tensor | None, device: torch.device | None = None
+) -> torch.Tensor:
     """E[x̃x̃ᵀ] over inputs x̃ = [x; 1]; weight-only conversions use the identity (every direction equal)."""
     size = in_features + int(has_bias)
     if moment is None:
-        return torch.eye(size, dtype=torch.float64)
+        return torch.eye(size, dtype=torch.float64, device=device)
     if moment.shape != (size, size):
         raise ValueError(f"input moment must be {size}x{size}, got {tuple(moment.shape)}")
-    return moment.double()
+    return moment.to(device=device, dtype=torch.float64)
 
 
 def psd_sqrt_and_inverse(matrix: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:

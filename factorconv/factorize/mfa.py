@@ -51,7 +51,7 @@ def pair_moments(
 ) -> torch.Tensor:
     """C_p for every frequency pair p: (D/2, g, g), from the input moment (identity when weight-only)."""
     stacked = with_bias_column(k_weight, k_bias).double()
-    sigma = input_moment(k_weight.shape[1], k_bias is not None, moment)
+    sigma = input_moment(k_weight.shape[1], k_bias is not None, moment, k_weight.device)
     first, second = _pair_halves(stacked, num_groups, head_dim)
     return first @ sigma @ first.transpose(1, 2) + second @ sigma @ second.transpose(1, 2)
 
@@ -76,7 +76,7 @@ def rope_key_merge(
     mixing = vectors.transpose(1, 2).reshape(-1, num_groups)[order]  # (n, g)
     stacked = with_bias_column(k_weight, k_bias).double()
     first, second = _pair_halves(stacked, num_groups, head_dim)
-    index = torch.tensor(pairs)
+    index = torch.tensor(pairs, device=k_weight.device)
     rows = torch.cat(
         [torch.einsum("ng,ngi->ni", mixing, first[index]), torch.einsum("ng,ngi->ni", mixing, second[index])]
     )
@@ -92,9 +92,9 @@ def merge_queries(
     """Each query head mapped into the merged key space: (h, d_K, d') rows, bias as the last column."""
     num_groups = merge.mixing.shape[1]
     per_head = with_bias_column(q_weight, q_bias).double().reshape(num_heads, head_dim, -1)
-    group_of_head = torch.arange(num_heads) // (num_heads // num_groups)
+    group_of_head = torch.arange(num_heads, device=q_weight.device) // (num_heads // num_groups)
     coeff = merge.mixing.T[group_of_head]  # (h, n): u_n[γ(i)]
-    index, half = torch.tensor(merge.pairs), head_dim // 2
+    index, half = torch.tensor(merge.pairs, device=q_weight.device), head_dim // 2
     return torch.cat([per_head[:, index] * coeff[..., None], per_head[:, index + half] * coeff[..., None]], dim=1)
 
 
@@ -117,7 +117,7 @@ def output_weighted_value_basis(
     gram = torch.block_diag(*reads.sum(dim=1))
     g_half, g_inv_half = psd_sqrt_and_inverse(gram)
     stacked = with_bias_column(v_weight, v_bias).double()
-    sigma = input_moment(v_weight.shape[1], v_bias is not None, moment)
+    sigma = input_moment(v_weight.shape[1], v_bias is not None, moment, v_weight.device)
     weighted = g_half @ stacked @ sigma @ stacked.T @ g_half
     values, basis = top_eigenvectors((weighted + weighted.T) / 2, value_dim)
     weight, bias = split_bias_column(basis.T @ g_half @ stacked, v_bias is not None)

@@ -28,12 +28,12 @@ class TensorProductInit:
         return self.head_mix.shape[0]
 
 
-def group_indicator(num_groups: int, num_heads: int) -> torch.Tensor:
+def group_indicator(num_groups: int, num_heads: int, device: torch.device | None = None) -> torch.Tensor:
     """(g, h) 0/1 matrix: entry (j, i) is 1 iff query head i reads group j."""
     if num_heads % num_groups:
         raise ValueError(f"{num_heads} heads cannot be split into {num_groups} equal groups")
     heads_per_group = num_heads // num_groups
-    return torch.eye(num_groups).repeat_interleave(heads_per_group, dim=1)
+    return torch.eye(num_groups, device=device).repeat_interleave(heads_per_group, dim=1)
 
 
 def tensor_product_init(
@@ -51,7 +51,7 @@ def tensor_product_init(
     """
     if not 1 <= rank <= num_groups:
         raise ValueError(f"rank must be between 1 and {num_groups} (the number of source heads), got {rank}")
-    indicator = group_indicator(num_groups, num_heads)
+    indicator = group_indicator(num_groups, num_heads, weight.device)
     if rank == num_groups:
         return TensorProductInit(indicator.to(weight.dtype), weight.clone(), None if bias is None else bias.clone())
 

@@ -136,8 +136,8 @@ class TensorProduct(nn.Module):
     def mix(self, b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
         """Σ_r a_{r,h} b_r: (batch, tokens, R, D) factors -> (batch, heads, tokens, D)."""
         if a is None:
-            return torch.einsum("btrd,rh->bhtd", b, self.head_mix.to(b.dtype))
-        return torch.einsum("btrd,btrh->bhtd", b, a)
+            return torch.einsum("btrd,rh->bhtd", b, self.head_mix.to(b.dtype)).contiguous()
+        return torch.einsum("btrd,btrh->bhtd", b, a).contiguous()  # SDPA kernels want unit stride
 
 
 def eager_attention(
