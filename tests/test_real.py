@@ -67,6 +67,14 @@ def test_full_rank_perplexity_equals_source(real):
     assert all(layer["key_error"] < 1e-6 and layer["value_error"] < 1e-6 for layer in report["layers"])
 
 
+@pytest.mark.parametrize("target", ["mfa", "mfa_kr"])
+def test_full_width_mfa_perplexity_equals_source(real, target):
+    model = _load(real["convert"](f"full-{target}", to=target))
+    assert model.config.attention == target
+    ppl_source = perplexity(real["source"], real["tokens"], SEQ_LEN, progress=False)
+    assert perplexity(model, real["tokens"], SEQ_LEN, progress=False) == pytest.approx(ppl_source, rel=1e-4)
+
+
 def test_full_rank_greedy_story_equals_source(real):
     model = _load(real["convert"]("full_contextual", contextual=True))
     bos = torch.tensor([[real["tokenizer"].bos_token_id]])

@@ -135,6 +135,8 @@ def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted,
         converted("qwen2_gqa", contextual=True, rank_q=4, rank_k=1),
         converted("llama3_rope"),
         sharded,
+        converted("qwen2_gqa", to="mfa", key_dim=12, value_dim=20, query_rank=40),
+        converted("llama3_rope", to="mfa_kr", rope_dim=16, nope_dim=24),
     ]
     ids = random_ids(2, 12, seed=80)
     report, results = run_without_factorconv(tmp_path, folders, ids)
