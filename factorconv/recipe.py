@@ -32,6 +32,21 @@ class ConvertOptions(BaseModel):
     rope_dim: int | None = Field(default=None, ge=2, description="MFA-KR rotated width d_R (default: exact)")
     nope_dim: int | None = Field(default=None, ge=1, description="MFA-KR shared key/value width d_N (default: exact)")
     query_rank: int | None = Field(default=None, ge=1, description="MFA/MFA-KR low-rank query product width C")
+    kv_budget: float | None = Field(
+        default=None, gt=0, le=1, description="fraction of the source's KV bytes per token; ranks/dims are allocated"
+    )
+    allocation: Literal["greedy", "uniform"] = Field(
+        default="greedy", description="with kv_budget: spend bytes where spectra predict the most error, or evenly"
+    )
+    calib: str | None = Field(default=None, description="calibration data: .txt, .jsonl, .npy or a datasets name")
+    calib_samples: int = Field(default=128, ge=2, description="calibration sequences (10% are held out)")
+    calib_seq_len: int = Field(default=2048, ge=8, description="tokens per calibration sequence")
+    init: Literal["auto", "weight", "stats"] = Field(
+        default="auto", description="weight-only maths, or calibration statistics (auto: stats when calib is given)"
+    )
+    refine_steps: int | None = Field(
+        default=None, ge=0, description="Adam steps per layer fitting attention outputs (default 200 with calib)"
+    )
     dtype: DType = "auto"
     max_shard_size: str = "2GB"
     device: str = "cpu"
@@ -49,7 +64,23 @@ class ConvertOptions(BaseModel):
                 continue
             owners = [t for t, names in TARGET_OPTIONS.items() if name in names]
             raise ValueError(f"{name} applies to --to {'/'.join(owners)}, not {self.to}")
+        if self.kv_budget is not None:
+            explicit = [n for n in sorted(TARGET_OPTIONS[self.to] - {"contextual", "rank_q", "query_rank"}) if getattr(self, n)]
+            if explicit:
+                raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(explicit)}")
+        if self.calib is None and (self.init == "stats" or (self.refine_steps or 0) > 0):
+            raise ValueError("init 'stats' and refine_steps need calibration data: pass calib")
         return self
+
+    @property
+    def uses_statistics(self) -> bool:
+        return self.calib is not None and self.init != "weight"
+
+    @property
+    def layer_refine_steps(self) -> int:
+        if self.refine_steps is not None:
+            return self.refine_steps
+        return 200 if self.calib is not None else 0
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({"convert": self.model_dump(mode="json")}, sort_keys=False)

@@ -6,12 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..factorize.common import cholesky_whitening
 from ..factorize.mfa import (
+    KeyMerge,
+    ValueBasis,
+    low_rank_queries,
     merge_queries,
     merged_output_projection,
-    low_rank_queries,
     output_weighted_value_basis,
     pair_moments,
+    query_pair_energy,
     rope_key_merge,
 )
 from ..factorize.tpa import TensorProductInit, relative_error, tensor_product_init
@@ -28,6 +32,8 @@ class LayerReport:
     key_error: float
     value_error: float
     query_error: float | None = None
+    attention_error: float | None = None  # relative attention-output error on held-out calibration tokens
+    refined_attention_error: float | None = None  # the same after local refinement
 
 
 @dataclass
@@ -67,8 +73,13 @@ def _output_projection(src: SourceAttention, prefix: str, weight: torch.Tensor) 
     return tensors
 
 
-def convert_tpa_attention(src: SourceAttention, layer: int, config: FactorConvConfig) -> LayerResult:
-    """TPA: head-mode factors of K and V (and Q when `tpa_rank_q` is set); o_proj unchanged."""
+def convert_tpa_attention(
+    src: SourceAttention, layer: int, config: FactorConvConfig, moment: torch.Tensor | None
+) -> LayerResult:
+    """TPA: head-mode factors of K and V (and Q when `tpa_rank_q` is set); o_proj unchanged.
+
+    With calibration statistics the SVD is input-whitened (error measured on real inputs, SVD-LLM style).
+    """
     heads, groups, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
     out: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
@@ -84,7 +95,8 @@ def convert_tpa_attention(src: SourceAttention, layer: int, config: FactorConvCo
             if bias is not None:
                 out[f"{src.prefix}q_proj.bias"] = bias
             continue
-        init = tensor_product_init(weight, bias, num_groups, heads, rank)
+        whitening = None if moment is None else cholesky_whitening(moment)
+        init = tensor_product_init(weight, bias, num_groups, heads, rank, whitening)
         errors[proj] = relative_error(weight, bias, init, num_groups, heads)
         out.update(_product_tensors(f"{src.prefix}{proj}_product", init, config.tpa_contextual, hidden))
     out.update(_output_projection(src, src.prefix, src.weight("o")))
@@ -105,16 +117,25 @@ def _query_tensors(prefix: str, rows: torch.Tensor, has_bias: bool, rank: int | 
     return tensors
 
 
-def convert_mfa_attention(src: SourceAttention, layer: int, config: FactorConvConfig) -> LayerResult:
-    """MFA: RoPE-preserving key merge, output-weighted value basis, queries mapped into the merged key."""
+def _merged_key_and_value(
+    src: SourceAttention, config: FactorConvConfig, key_dim: int, value_dim: int, moment: torch.Tensor | None
+) -> tuple[KeyMerge, ValueBasis]:
+    """RoPE-preserving key merge (query-aware with statistics) and output-weighted value basis."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     k_weight, k_bias = src.weight("k"), src.bias("k")
-    merge = rope_key_merge(
-        k_weight, k_bias, groups, head_dim, config.key_dim[layer], pair_moments(k_weight, k_bias, groups, head_dim, None)
-    )
-    value = output_weighted_value_basis(
-        src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, config.value_dim[layer], None
-    )
+    energy = None if moment is None else query_pair_energy(src.weight("q"), src.bias("q"), heads, groups, head_dim, moment)
+    moments = pair_moments(k_weight, k_bias, groups, head_dim, moment)
+    merge = rope_key_merge(k_weight, k_bias, groups, head_dim, key_dim, moments, energy)
+    value = output_weighted_value_basis(src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, value_dim, moment)
+    return merge, value
+
+
+def convert_mfa_attention(
+    src: SourceAttention, layer: int, config: FactorConvConfig, moment: torch.Tensor | None
+) -> LayerResult:
+    """MFA: RoPE-preserving key merge, output-weighted value basis, queries mapped into the merged key."""
+    heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    merge, value = _merged_key_and_value(src, config, config.key_dim[layer], config.value_dim[layer], moment)
     q_bias = src.bias("q")
     queries = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim).flatten(0, 1)
     rank = config.query_rank[layer] if config.query_rank else None
@@ -126,16 +147,12 @@ def convert_mfa_attention(src: SourceAttention, layer: int, config: FactorConvCo
     return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
 
 
-def convert_mfa_kr_attention(src: SourceAttention, layer: int, config: FactorConvConfig) -> LayerResult:
+def convert_mfa_kr_attention(
+    src: SourceAttention, layer: int, config: FactorConvConfig, moment: torch.Tensor | None
+) -> LayerResult:
     """MFA-KR: c = [merged RoPE key | value basis]; queries read c_rope, the output projection reads c_nope."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    k_weight, k_bias = src.weight("k"), src.bias("k")
-    merge = rope_key_merge(
-        k_weight, k_bias, groups, head_dim, config.rope_dim[layer], pair_moments(k_weight, k_bias, groups, head_dim, None)
-    )
-    value = output_weighted_value_basis(
-        src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, config.nope_dim[layer], None
-    )
+    merge, value = _merged_key_and_value(src, config, config.rope_dim[layer], config.nope_dim[layer], moment)
     q_bias = src.bias("q")
     rope_part = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim)  # (h, d_R, d')
     nope_part = rope_part.new_zeros(heads, config.nope_dim[layer], rope_part.shape[2])
@@ -149,7 +166,7 @@ def convert_mfa_kr_attention(src: SourceAttention, layer: int, config: FactorCon
     return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
 
 
-CONVERTERS: dict[str, Callable[[SourceAttention, int, FactorConvConfig], LayerResult]] = {
+CONVERTERS: dict[str, Callable[[SourceAttention, int, FactorConvConfig, torch.Tensor | None], LayerResult]] = {
     "tpa": convert_tpa_attention,
     "mfa": convert_mfa_attention,
     "mfa_kr": convert_mfa_kr_attention,
@@ -161,9 +178,9 @@ def convert_attention(
     layer: int,
     config: FactorConvConfig,
     device: torch.device,
-    dtype: torch.dtype,
+    moment: torch.Tensor | None = None,
 ) -> LayerResult:
-    """Convert one layer for `config.attention`; tensors come back on CPU in `dtype`."""
-    result = CONVERTERS[config.attention](SourceAttention(read, layer, device), layer, config)
-    result.tensors = {name: t.to(device="cpu", dtype=dtype).contiguous() for name, t in result.tensors.items()}
+    """Convert one layer for `config.attention` (float32 tensors on `device`); `moment` is Σ = E[x̃x̃ᵀ]."""
+    result = CONVERTERS[config.attention](SourceAttention(read, layer, device), layer, config, moment)
+    result.tensors = {name: t.float().contiguous() for name, t in result.tensors.items()}
     return result

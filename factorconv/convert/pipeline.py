@@ -11,7 +11,10 @@ from tqdm.auto import tqdm
 from ..errors import FactorConvError
 from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
+from .calibrate import LayerwiseRunner, calibration_tokens
 from .layers import ATTENTION_TENSOR, LayerReport, convert_attention
+from .plan import allocate_widths
+from .refine import refine_layer
 from .source import SourceCheckpoint, resolve_source
 from .target import build_target_config, output_dtype
 from .writer import ShardedWriter, parse_size
@@ -41,7 +44,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def convert(options: ConvertOptions, progress: bool = True) -> Path:
-    """Convert `options.source` and write the result to `options.output` (atomically: temp folder + rename)."""
+    """Convert `options.source` and write the result to `options.output` (atomically: temp folder + rename).
+
+    With calibration data the source runs alongside, one layer at a time: each layer is factorized from its
+    statistics, optionally refined on its activations, and its attention-output error is measured.
+    """
     output = Path(options.output)
     if output.exists() and not options.overwrite:
         raise FactorConvError(f"output folder {output} exists; pass --overwrite to replace it")
@@ -50,8 +57,13 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     device = resolve_device(options.device)
     max_shard = parse_size(options.max_shard_size)
     source = SourceCheckpoint(resolve_source(options.source, options.revision))
-    config = build_target_config(source, options)
+    tokens = None
+    if options.calib is not None:
+        tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len)
+    plans = allocate_widths(options, source, tokens, device) if options.kv_budget is not None else None
+    config = build_target_config(source, options, plans)
     dtype = output_dtype(options, source)
+    runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -59,19 +71,27 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     try:
         writer = ShardedWriter(staging, max_shard)
         reports: list[LayerReport] = []
-        read = lambda name: source.tensor(name) if source.has(name) else None  # noqa: E731
+        read = source.reader()
         for name in tqdm(source.names, desc="converting", unit="tensor", disable=not progress):
             match = ATTENTION_TENSOR.match(name)
             if match:
                 layer = int(match.group(1))
                 if reports and reports[-1].layer == layer:
                     continue  # this layer's attention was converted when its first tensor came up
-                result = convert_attention(read, layer, config, device, dtype)
-                reports.append(result.report)
+                acts = next(runner) if runner is not None else None
+                moment = acts.moment() if acts is not None and options.uses_statistics else None
+                result = convert_attention(read, layer, config, device, moment)
                 if result.rope_pairs is not None:
                     config.rope_pair_index[layer] = result.rope_pairs
+                if acts is not None:
+                    refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
+                    result.tensors = refined.tensors
+                    result.report.attention_error = refined.error_before
+                    if options.layer_refine_steps:
+                        result.report.refined_attention_error = refined.error_after
+                reports.append(result.report)
                 for target_name, tensor in result.tensors.items():
-                    writer.add(target_name, tensor)
+                    writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
             elif not name.endswith(SKIPPED_TENSOR_SUFFIXES):
                 writer.add(name, source.tensor(name).to(dtype))
         if len(reports) != config.num_hidden_layers:

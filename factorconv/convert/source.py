@@ -16,8 +16,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def resolve_source(source: str, revision: str | None = None) -> Path:
-    """A local folder as is; a Hub id downloaded (config, safetensors, tokenizer files only)."""
+def resolve_source(source: str, revision: str | None = None, weights: bool = True) -> Path:
+    """A local folder as is; a Hub id downloaded (config, safetensors, tokenizer files; config only without weights)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -29,7 +29,8 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS))
+        patterns = HUB_PATTERNS if weights else ["config.json"]
+        return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise FactorConvError(f"Hub repo {source} not found (or gated: log in with `hf auth login`)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
@@ -40,7 +41,7 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
 class SourceCheckpoint:
     """Config and lazily read tensors of a supported Llama-family checkpoint in safetensors format."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, require_weights: bool = True) -> None:
         self.folder = folder
         if not (folder / "config.json").is_file():
             raise FactorConvError(f"{folder} has no config.json; pass a Hugging Face model folder")
@@ -55,7 +56,16 @@ class SourceCheckpoint:
                 f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         self.architecture = architectures[0]
-        self._file_of = self._index_tensors()
+        has_files = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
+        self._file_of = self._index_tensors() if require_weights or has_files else {}
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self._file_of)
+
+    def reader(self):
+        """name -> tensor, or None for tensors the checkpoint does not have (e.g. absent biases)."""
+        return lambda name: self.tensor(name) if self.has(name) else None
 
     def _index_tensors(self) -> dict[str, Path]:
         index = self.folder / "model.safetensors.index.json"

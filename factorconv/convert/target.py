@@ -45,10 +45,23 @@ def _check_widths(options: ConvertOptions, heads: int, kv_heads: int, head_dim: 
     _check_rank("--query-rank", options.query_rank, min(hidden, heads * query_width), "hidden size and query width")
 
 
-def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> FactorConvConfig:
+def _has_bias(source: SourceCheckpoint, name: str, qkv_default: bool) -> bool:
+    """From the weights when present; from the config alone (planning) otherwise."""
+    if source.has_weights:
+        return source.has(name)
+    return qkv_default or bool(getattr(source.config, "attention_bias", False))
+
+
+PLAN_FIELDS = {"rank_k": "tpa_rank_k", "rank_v": "tpa_rank_v"}  # plan names that differ from config names
+
+
+def build_target_config(
+    source: SourceCheckpoint, options: ConvertOptions, plans: list | None = None
+) -> FactorConvConfig:
     """FactorConvConfig with the source's geometry and the requested ranks or widths (validated here).
 
     MFA / MFA-KR pair tables are filled in per layer by the conversion (they depend on the weights).
+    `plans` (from a KV budget) give per-layer widths that replace the scalar options.
     """
     cfg = source.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
@@ -63,7 +76,11 @@ def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> Fa
             window,
         )
     layer0 = "model.layers.0."
-    return FactorConvConfig(
+    per_layer = {}
+    for plan in plans or []:
+        for name, value in plan.widths.items():
+            per_layer.setdefault(PLAN_FIELDS.get(name, name), []).append(value)
+    fields = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -80,9 +97,9 @@ def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> Fa
         eos_token_id=cfg.eos_token_id,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         rope_parameters=dict(cfg.rope_parameters),
-        qkv_bias=source.has(layer0 + "self_attn.q_proj.bias"),
-        o_bias=source.has(layer0 + "self_attn.o_proj.bias"),
-        mlp_bias=source.has(layer0 + "mlp.gate_proj.bias"),
+        qkv_bias=_has_bias(source, layer0 + "self_attn.q_proj.bias", cfg.model_type == "qwen2"),
+        o_bias=_has_bias(source, layer0 + "self_attn.o_proj.bias", False),
+        mlp_bias=_has_bias(source, layer0 + "mlp.gate_proj.bias", bool(getattr(cfg, "mlp_bias", False))),
         attention=options.to,
         tpa_rank_k=options.rank_k,
         tpa_rank_v=options.rank_v,
@@ -103,3 +120,4 @@ def build_target_config(source: SourceCheckpoint, options: ConvertOptions) -> Fa
         },
         dtype=output_dtype(options, source),
     )
+    return FactorConvConfig(**{**fields, **per_layer})

@@ -38,3 +38,10 @@ def top_eigenvectors(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, to
     values, vectors = torch.linalg.eigh(matrix)
     order = values.argsort(descending=True)
     return values[order].clamp_min(0), vectors[:, order[:count]]
+
+
+def cholesky_whitening(moment: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """Lower-triangular L with LLᵀ = Σ + λI (λ relative to Σ's mean diagonal, so rank-deficient Σ works)."""
+    moment = moment.double()
+    eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
+    return torch.linalg.cholesky(moment + damping * moment.diagonal().mean().clamp_min(1e-300) * eye)

@@ -25,8 +25,9 @@ class KeyMerge:
     weight: torch.Tensor  # (d_K, d)
     bias: torch.Tensor | None  # (d_K,)
     pairs: list[int]  # source frequency pair of each new pair, length d_K/2
-    mixing: torch.Tensor  # (d_K/2, g): u_n, the head mix of new pair n
-    relative_error: float  # sqrt(dropped / total energy) of the keys under the input moment
+    key_mixing: torch.Tensor  # (d_K/2, g): how new pair n mixes the g heads' components of its pair
+    query_mixing: torch.Tensor  # (d_K/2, g): the coefficient query heads of group j put on new pair n
+    relative_error: float  # sqrt(dropped / total) of the (query-weighted) key energy
 
 
 @dataclass
@@ -56,6 +57,46 @@ def pair_moments(
     return first @ sigma @ first.transpose(1, 2) + second @ sigma @ second.transpose(1, 2)
 
 
+def query_pair_energy(
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    num_heads: int,
+    num_groups: int,
+    head_dim: int,
+    moment: torch.Tensor | None,
+) -> torch.Tensor:
+    """(D/2, g): E‖q_{i,p}‖² summed over the query heads i of each group — how much each key pair is read."""
+    stacked = with_bias_column(q_weight, q_bias).double()
+    sigma = input_moment(q_weight.shape[1], q_bias is not None, moment, q_weight.device)
+    row_energy = ((stacked @ sigma) * stacked).sum(dim=1).reshape(num_groups, num_heads // num_groups, head_dim)
+    per_group = row_energy.sum(dim=1)  # (g, D)
+    half = head_dim // 2
+    return (per_group[:, :half] + per_group[:, half:]).T
+
+
+def _pair_eigen(
+    moments: torch.Tensor, query_energy: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigen-directions of each pair's key moment, weighted by how strongly queries read each head.
+
+    Returns eigenvalues (D/2, g) and, per direction, the key-side and query-side head mixes (D/2, g, g),
+    columns indexed like the eigenvalues. Without query energy both mixes are the orthonormal eigenvectors.
+    """
+    if query_energy is None:
+        values, vectors = torch.linalg.eigh(moments)
+        return values.clamp_min(0), vectors, vectors
+    weight = query_energy.double().clamp_min(query_energy.max() * 1e-12).sqrt()  # (D/2, g)
+    weighted = weight[:, :, None] * moments * weight[:, None, :]
+    values, vectors = torch.linalg.eigh(weighted)
+    return values.clamp_min(0), vectors * weight[:, :, None], vectors / weight[:, :, None]
+
+
+def key_gains(moments: torch.Tensor, query_energy: torch.Tensor | None) -> torch.Tensor:
+    """Share of the (query-weighted) key energy each merged pair would keep, largest first."""
+    values = _pair_eigen(moments, query_energy)[0].flatten().sort(descending=True).values
+    return values / values.sum().clamp_min(1e-300)
+
+
 def rope_key_merge(
     k_weight: torch.Tensor,
     k_bias: torch.Tensor | None,
@@ -63,39 +104,77 @@ def rope_key_merge(
     head_dim: int,
     key_dim: int,
     moments: torch.Tensor,
+    query_energy: torch.Tensor | None = None,
 ) -> KeyMerge:
-    """Merge g RoPE'd key heads into one of width `key_dim`, keeping the strongest per-pair directions."""
+    """Merge g RoPE'd key heads into one of width `key_dim`, keeping the strongest per-pair directions.
+
+    With `query_energy` (see `query_pair_energy`) the error minimised is the query-weighted one,
+    Σ_j E‖q_j‖² E‖k_j − k̂_j‖² per pair, so directions that queries barely read are dropped first.
+    """
     total_pairs = num_groups * head_dim // 2
     if key_dim % 2 or not 2 <= key_dim <= 2 * total_pairs:
         raise ValueError(f"key width must be even and between 2 and {2 * total_pairs}, got {key_dim}")
-    values, vectors = torch.linalg.eigh(moments)  # (D/2, g), (D/2, g, g)
-    values = values.clamp_min(0)
+    values, key_vectors, query_vectors = _pair_eigen(moments, query_energy)
     order = values.flatten().argsort(descending=True)[: key_dim // 2]
     order = order.sort().values  # group by source pair: pair p's directions stay together
     pairs = (order // num_groups).tolist()
-    mixing = vectors.transpose(1, 2).reshape(-1, num_groups)[order]  # (n, g)
+    key_mixing = key_vectors.transpose(1, 2).reshape(-1, num_groups)[order]  # (n, g)
+    query_mixing = query_vectors.transpose(1, 2).reshape(-1, num_groups)[order]
     stacked = with_bias_column(k_weight, k_bias).double()
     first, second = _pair_halves(stacked, num_groups, head_dim)
     index = torch.tensor(pairs, device=k_weight.device)
     rows = torch.cat(
-        [torch.einsum("ng,ngi->ni", mixing, first[index]), torch.einsum("ng,ngi->ni", mixing, second[index])]
+        [torch.einsum("ng,ngi->ni", key_mixing, first[index]), torch.einsum("ng,ngi->ni", key_mixing, second[index])]
     )
     weight, bias = split_bias_column(rows, k_bias is not None)
     dropped = values.sum() - values.flatten()[order].sum()
     error = float((dropped.clamp_min(0) / values.sum().clamp_min(1e-300)).sqrt())
-    return KeyMerge(weight.to(k_weight.dtype), _cast(bias, k_weight.dtype), pairs, mixing, error)
+    return KeyMerge(weight.to(k_weight.dtype), _cast(bias, k_weight.dtype), pairs, key_mixing, query_mixing, error)
 
 
 def merge_queries(
     q_weight: torch.Tensor, q_bias: torch.Tensor | None, merge: KeyMerge, num_heads: int, head_dim: int
 ) -> torch.Tensor:
     """Each query head mapped into the merged key space: (h, d_K, d') rows, bias as the last column."""
-    num_groups = merge.mixing.shape[1]
+    num_groups = merge.query_mixing.shape[1]
     per_head = with_bias_column(q_weight, q_bias).double().reshape(num_heads, head_dim, -1)
     group_of_head = torch.arange(num_heads, device=q_weight.device) // (num_heads // num_groups)
-    coeff = merge.mixing.T[group_of_head]  # (h, n): u_n[γ(i)]
+    coeff = merge.query_mixing.T[group_of_head]  # (h, n): the query-side mix of new pair n for head i's group
     index, half = torch.tensor(merge.pairs, device=q_weight.device), head_dim // 2
     return torch.cat([per_head[:, index] * coeff[..., None], per_head[:, index + half] * coeff[..., None]], dim=1)
+
+
+def _value_eigen(
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    o_weight: torch.Tensor,
+    num_heads: int,
+    num_groups: int,
+    moment: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and vectors of G^{1/2} C_V G^{1/2}, with G^{±1/2} and the stacked [W_V | b_V]."""
+    head_dim = v_weight.shape[0] // num_groups
+    o_heads = o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)  # (h, d, D)
+    reads = (o_heads.transpose(1, 2) @ o_heads).reshape(num_groups, num_heads // num_groups, head_dim, head_dim)
+    g_half, g_inv_half = psd_sqrt_and_inverse(torch.block_diag(*reads.sum(dim=1)))
+    stacked = with_bias_column(v_weight, v_bias).double()
+    sigma = input_moment(v_weight.shape[1], v_bias is not None, moment, v_weight.device)
+    weighted = g_half @ stacked @ sigma @ stacked.T @ g_half
+    values, vectors = top_eigenvectors((weighted + weighted.T) / 2, stacked.shape[0])
+    return values, vectors, g_half, g_inv_half, stacked
+
+
+def value_gains(
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    o_weight: torch.Tensor,
+    num_heads: int,
+    num_groups: int,
+    moment: torch.Tensor | None,
+) -> torch.Tensor:
+    """Share of the output-weighted value energy each kept value dimension would carry, largest first."""
+    values = _value_eigen(v_weight, v_bias, o_weight, num_heads, num_groups, moment)[0]
+    return values / values.sum().clamp_min(1e-300)
 
 
 def output_weighted_value_basis(
@@ -111,15 +190,8 @@ def output_weighted_value_basis(
     full = v_weight.shape[0]
     if not 1 <= value_dim <= full:
         raise ValueError(f"value width must be between 1 and {full}, got {value_dim}")
-    head_dim = full // num_groups
-    o_heads = o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)  # (h, d, D)
-    reads = (o_heads.transpose(1, 2) @ o_heads).reshape(num_groups, num_heads // num_groups, head_dim, head_dim)
-    gram = torch.block_diag(*reads.sum(dim=1))
-    g_half, g_inv_half = psd_sqrt_and_inverse(gram)
-    stacked = with_bias_column(v_weight, v_bias).double()
-    sigma = input_moment(v_weight.shape[1], v_bias is not None, moment, v_weight.device)
-    weighted = g_half @ stacked @ sigma @ stacked.T @ g_half
-    values, basis = top_eigenvectors((weighted + weighted.T) / 2, value_dim)
+    values, vectors, g_half, g_inv_half, stacked = _value_eigen(v_weight, v_bias, o_weight, num_heads, num_groups, moment)
+    basis = vectors[:, :value_dim]
     weight, bias = split_bias_column(basis.T @ g_half @ stacked, v_bias is not None)
     error = float(((values.sum() - values[:value_dim].sum()).clamp_min(0) / values.sum().clamp_min(1e-300)).sqrt())
     return ValueBasis(weight.to(v_weight.dtype), _cast(bias, v_weight.dtype), g_inv_half @ basis, error)

@@ -36,6 +36,30 @@ def group_indicator(num_groups: int, num_heads: int, device: torch.device | None
     return torch.eye(num_groups, device=device).repeat_interleave(heads_per_group, dim=1)
 
 
+def _head_mode_svd(
+    weight: torch.Tensor, bias: torch.Tensor | None, num_groups: int, num_heads: int, whitening: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD across the head mode of G = [√m · W_j L]_j, (g × D·d')."""
+    stacked = with_bias_column(weight, bias).double()  # (g·D, d')
+    if whitening is not None:
+        stacked = stacked @ whitening.double()
+    # Each group is read by m heads, so its error counts m times: scale rows by √m before the SVD.
+    grouped = stacked.reshape(num_groups, -1) * (num_heads // num_groups) ** 0.5
+    return torch.linalg.svd(grouped, full_matrices=False)
+
+
+def head_mode_gains(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    num_heads: int,
+    whitening: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Share of the (whitened) projection energy each additional rank keeps, largest first."""
+    energy = _head_mode_svd(weight, bias, num_groups, num_heads, whitening)[1] ** 2
+    return energy / energy.sum().clamp_min(1e-300)
+
+
 def tensor_product_init(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -56,17 +80,10 @@ def tensor_product_init(
         return TensorProductInit(indicator.to(weight.dtype), weight.clone(), None if bias is None else bias.clone())
 
     out_dtype = weight.dtype
-    head_dim = weight.shape[0] // num_groups
-    stacked = with_bias_column(weight, bias).double()  # (g·D, d')
-    in_dim = stacked.shape[1]
-    if whitening is not None:
-        stacked = stacked @ whitening.double()
-    heads_per_group = num_heads // num_groups
-    # Each group is read by m heads, so its error counts m times: scale rows by √m before the SVD.
-    grouped = stacked.reshape(num_groups, head_dim * in_dim) * heads_per_group**0.5
-    u, s, vh = torch.linalg.svd(grouped, full_matrices=False)
+    head_dim, heads_per_group = weight.shape[0] // num_groups, num_heads // num_groups
+    u, s, vh = _head_mode_svd(weight, bias, num_groups, num_heads, whitening)
     coeff = u[:, :rank]  # (g, R)
-    basis = (s[:rank, None] * vh[:rank]).reshape(rank * head_dim, in_dim) / heads_per_group**0.5
+    basis = (s[:rank, None] * vh[:rank]).reshape(rank * head_dim, -1) / heads_per_group**0.5
     if whitening is not None:
         basis = torch.linalg.solve_triangular(whitening.double(), basis, upper=False, left=False)
     head_mix = coeff.T @ indicator.double()

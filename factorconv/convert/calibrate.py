@@ -1,0 +1,158 @@
+"""Calibration: run the source one decoder layer at a time and collect what each layer's attention sees.
+
+Layer ℓ's outputs feed layer ℓ+1 (teacher forcing through the source), and only one layer's weights are
+resident at once, so peak memory does not grow with depth. Per layer the runner yields the attention
+input x (after the layer's norm) and the source attention output; statistics such as Σ = E[x̃x̃ᵀ] are
+accumulated from those in float64.
+"""
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import FactorConvError
+from ..evaluate.data import load_tokens
+from .source import SourceCheckpoint
+
+
+def calibration_tokens(spec: str, folder: Path, samples: int, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) token windows from a .txt/.jsonl/.npy file or a `datasets` name, tokenized for the source."""
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix in (".txt", ".jsonl", ".npy", ".json"):
+        tokenizer = None
+        if path.suffix != ".npy":
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            except (OSError, ValueError, TypeError):
+                raise FactorConvError(f"{folder} has no tokenizer to tokenize {path}; pass pre-tokenized .npy") from None
+        stream = load_tokens(path, tokenizer, max_tokens=samples * seq_len)
+    else:
+        stream = _dataset_tokens(spec, folder, samples * seq_len)
+    count = min(samples, stream.numel() // seq_len)
+    if count < 2:
+        raise FactorConvError(
+            f"calibration data {spec} gives {stream.numel()} tokens, fewer than 2 sequences of {seq_len}; "
+            "lower --calib-seq-len or give more text"
+        )
+    return stream[: count * seq_len].reshape(count, seq_len)
+
+
+def _dataset_tokens(name: str, folder: Path, max_tokens: int) -> torch.Tensor:
+    """Tokens of a Hugging Face `datasets` dataset ('name' or 'name:config'), streamed until max_tokens."""
+    try:
+        import datasets
+    except ImportError:
+        raise FactorConvError(f"{name} is not a file; to use a datasets name, `pip install datasets`") from None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dataset_name, _, config_name = name.partition(":")
+    try:
+        rows = datasets.load_dataset(dataset_name, config_name or None, split="train", streaming=True)
+    except Exception as err:  # datasets raises many types; the user needs the message, not the class
+        raise FactorConvError(f"cannot load dataset {name}: {str(err).splitlines()[0]}") from None
+    ids: list[int] = []
+    for row in rows:
+        text = row.get("text") if isinstance(row, dict) else None
+        if text:
+            ids.extend(tokenizer(text)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+class MomentAccumulator:
+    """Σ = E[x̃x̃ᵀ] with x̃ = [x; 1], accumulated in float64 over any number of chunks."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).double()
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        product = rows.T @ rows
+        self.total = product if self.total is None else self.total + product
+        self.count += rows.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError("no calibration tokens were accumulated")
+        return self.total / self.count
+
+
+@dataclass
+class LayerActivations:
+    """What one source attention layer saw and produced on the calibration tokens."""
+
+    layer: int
+    inputs: torch.Tensor  # (N, T, d): attention input, after the layer's input norm
+    outputs: torch.Tensor  # (N, T, d): the source attention's output
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, T, head_dim)
+    held_out: int  # the last `held_out` sequences are for measuring error, not for statistics
+
+    def moment(self, chunk: int = 8) -> torch.Tensor:
+        """Σ over the fitting sequences (everything but the held-out ones)."""
+        acc = MomentAccumulator()
+        fit = self.inputs[: self.inputs.shape[0] - self.held_out]
+        for start in range(0, fit.shape[0], chunk):
+            acc.update(fit[start : start + chunk])
+        return acc.value()
+
+
+class LayerwiseRunner:
+    """Iterates the source's decoder layers over calibration tokens, loading one layer's weights at a time."""
+
+    def __init__(self, source: SourceCheckpoint, tokens: torch.Tensor, device: torch.device, batch_size: int = 8):
+        self.source, self.device, self.batch_size = source, device, batch_size
+        config = copy.deepcopy(source.config)
+        config._attn_implementation = "sdpa"  # causal via is_causal: no (T × T) mask in memory
+        self.config = config
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(config)
+        rotary = type(self.skeleton.model.rotary_emb)(config=config).to(device)
+        embed = source.tensor("model.embed_tokens.weight").to(device=device, dtype=torch.float32)
+        self.hidden = torch.nn.functional.embedding(tokens.to(device), embed)
+        self.position_ids = torch.arange(tokens.shape[1], device=device)[None]
+        self.position_embeddings = rotary(self.hidden[:1], self.position_ids)
+        self.held_out = max(1, tokens.shape[0] // 10)
+
+    def _layer(self, index: int) -> torch.nn.Module:
+        layer = self.skeleton.model.layers[index].to_empty(device=self.device).float()
+        prefix = f"model.layers.{index}."
+        state = {name[len(prefix) :]: self.source.tensor(name) for name in self.source.names if name.startswith(prefix)}
+        layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return layer.eval()
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[LayerActivations]:
+        for index in range(self.config.num_hidden_layers):
+            layer = self._layer(index)
+            captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def capture(module, args, kwargs, output):
+                captured.append((kwargs.get("hidden_states", args[0] if args else None), output[0]))
+
+            handle = layer.self_attn.register_forward_hook(capture, with_kwargs=True)
+            outputs = []
+            for start in range(0, self.hidden.shape[0], self.batch_size):
+                chunk = self.hidden[start : start + self.batch_size]
+                out = layer(
+                    chunk,
+                    attention_mask=None,
+                    position_ids=self.position_ids,
+                    position_embeddings=tuple(p.expand(chunk.shape[0], -1, -1) for p in self.position_embeddings),
+                )
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+            handle.remove()
+            self.hidden = torch.cat(outputs)
+            yield LayerActivations(
+                index,
+                torch.cat([c[0] for c in captured]),
+                torch.cat([c[1] for c in captured]),
+                self.position_embeddings,
+                self.held_out,
+            )
+            self.skeleton.model.layers[index] = layer.to("meta")  # free this layer's weights
