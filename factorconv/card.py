@@ -71,6 +71,9 @@ def model_card(
     """
     report = report or {}
     results = results or CardResults()
+    trained = report.get("finetune") if isinstance(report.get("finetune"), dict) else None
+    if trained and results.finetune_tokens is None and isinstance(trained.get("tokens"), int):
+        results = CardResults(**{**results.to_dict(), "finetune_tokens": trained["tokens"]})
     source = config.source_model or "the source model"
     data = ModelCardData(
         base_model=config.source_model if _is_hub_id(config.source_model) else None,
@@ -86,6 +89,7 @@ def model_card(
            is not None or results.finetune_tokens is not None else ""),
         _summary_table(config, report, results),
         _dims(config) + ".",
+        _finetune_section(report.get("finetune")),
         _usage(repo_id or _PLACEHOLDER),
         _layer_table(report.get("layers") or []),
     ]
@@ -139,12 +143,14 @@ def _kv_bytes(config: FactorConvConfig, report: dict) -> tuple[int, int]:
 
 
 def _summary_table(config: FactorConvConfig, report: dict, results: CardResults) -> str:
+    """Source, converted and (when there was fine-tuning) fine-tuned side by side."""
+    finetuned = results.perplexity_finetuned is not None or results.finetune_tokens is not None
     source_kv, converted_kv = _kv_bytes(config, report)
-    rows = [
-        ("KV cache bytes per token", f"{source_kv:,}", f"{converted_kv:,} ({converted_kv / source_kv:.1%})", ""),
-    ]
-    if results.kv_bytes_measured is not None:
-        rows.append(("KV cache bytes per token, measured after `generate`", "", f"{results.kv_bytes_measured:,.0f}", ""))
+    converted_cell = f"{converted_kv:,} ({converted_kv / source_kv:.1%})"
+    rows = [("KV cache bytes per token", f"{source_kv:,}", converted_cell, converted_cell)]
+    if results.kv_bytes_measured is not None:  # measured on the final model
+        measured = f"{results.kv_bytes_measured:,.0f}"
+        rows.append(("KV cache bytes per token, measured after `generate`", "", "" if finetuned else measured, measured))
     if any(v is not None for v in (results.perplexity_source, results.perplexity_converted, results.perplexity_finetuned)):
         where = f" on `{results.eval_data}`" if results.eval_data else ""
         if results.eval_tokens:
@@ -159,12 +165,35 @@ def _summary_table(config: FactorConvConfig, report: dict, results: CardResults)
         )
     if results.finetune_tokens is not None:
         rows.append(("fine-tuning tokens", "", "", f"{results.finetune_tokens:,}"))
-    finetuned = results.perplexity_finetuned is not None or results.finetune_tokens is not None
     header = "| | source | converted |" + (" fine-tuned |" if finetuned else "")
     rule = "|---|---|---|" + ("---|" if finetuned else "")
     lines = [header, rule]
     for label, *cells in rows:
         lines.append("| " + " | ".join([label, *(cells if finetuned else cells[:2])]) + " |")
+    return "\n".join(lines)
+
+
+def _finetune_section(summary: dict | None) -> str:
+    """What fine-tuning did, from the report's `finetune` record (written by `factorconv finetune`)."""
+    if not isinstance(summary, dict):
+        return ""
+    teacher = f" from `{summary['teacher']}`" if summary.get("teacher") else ""
+    facts = []
+    if summary.get("steps") is not None:
+        facts.append(f"{summary['steps']:,} steps")
+    if summary.get("tokens") is not None:
+        facts.append(f"{summary['tokens']:,} tokens" + (f" in blocks of {summary['seq_len']}" if summary.get("seq_len") else ""))
+    if summary.get("trainable_parameters") and summary.get("parameters"):
+        facts.append(f"{summary['trainable_parameters']:,} of {summary['parameters']:,} parameters trained")
+    lines = ["## Fine-tuning", "", f"Distilled{teacher} with `factorconv finetune`: " + (", ".join(facts) or "done") + "."]
+    ev = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
+    if ev.get("before_ppl") is not None and ev.get("after_ppl") is not None:
+        where = f" on {ev['data']}" if ev.get("data") else ""
+        teacher_ppl = f" (teacher {ev['teacher_ppl']:.4g})" if ev.get("teacher_ppl") is not None else ""
+        lines.append(
+            f"Held-out perplexity during fine-tuning{where}: {ev['before_ppl']:.4g} before, {ev['after_ppl']:.4g} after"
+            + teacher_ppl + "."
+        )
     return "\n".join(lines)
 
 

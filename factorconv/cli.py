@@ -50,6 +50,16 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option("--rope-dim", type=int, help="MFA-KR rotated width d_R (default: KV heads × head dim, exact).")
 @click.option("--nope-dim", type=int, help="MFA-KR shared key/value width d_N (default: KV heads × head dim, exact).")
 @click.option("--query-rank", type=int, help="MFA / MFA-KR: low-rank query product of this width.")
+@click.option("--kv-budget", type=float, help="Fraction of the source's KV bytes; per-layer widths are allocated.")
+@click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True)
+@click.option("--calib", help="Calibration data: .txt, .jsonl, .npy or a datasets name.")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--calib-seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
+@click.option(
+    "--init", type=click.Choice(["auto", "weight", "stats", "query-aware"]), default="auto", show_default=True,
+    help="Weight-only maths or calibration statistics (auto: stats with --calib).",
+)
+@click.option("--refine-steps", type=int, help="Adam steps per layer fitting attention outputs (default 200 with --calib).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the factorization: cpu, cuda, auto.")
@@ -72,6 +82,35 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
     click.echo(f"wrote {folder}")
 
 
+@main.command()
+@click.argument("source")
+@click.option("--to", "target", type=click.Choice(["tpa", "mfa", "mfa-kr"]), default="mfa", show_default=True)
+@click.option("--kv-budget", type=float, required=True, help="Fraction of the source's KV bytes per token.")
+@click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True)
+@click.option("--contextual", is_flag=True, help="TPA: contextual head factors (cache D + heads per rank).")
+@click.option("--calib", help="Calibration data for statistics-based spectra (optional).")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-seq-len", type=int, default=2048, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
+def plan(source: str, target: str, **kwargs) -> None:
+    """Print per-layer widths, KV bytes/token, parameters and predicted error for a KV budget; write nothing.
+
+    Works from config.json alone (meta device): then widths are uniform and no error is predicted.
+    """
+    from .convert.plan import format_plan, make_plan
+    from .recipe import ConvertOptions
+
+    try:
+        options = ConvertOptions(source=source, output=Path("-"), to=target, **kwargs)
+    except ValidationError as err:
+        _fail(_options_error(err))
+    try:
+        click.echo(format_plan(make_plan(options)))
+    except FactorConvError as err:
+        _fail(str(err))
+
+
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help=".txt, .jsonl or pre-tokenized .npy")
@@ -83,7 +122,7 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
 @click.pass_context
 def eval_command(ctx: click.Context, model: str, data: Path, compare: str | None, device: str, **kwargs) -> None:
     """Perplexity, KV bytes per token (analytic and measured) and parameters of MODEL, beside --compare."""
-    from .convert.pipeline import resolve_device
+    from .convert.device import resolve_device
     from .evaluate.report import evaluate, format_table
 
     try:
@@ -91,3 +130,112 @@ def eval_command(ctx: click.Context, model: str, data: Path, compare: str | None
     except FactorConvError as err:
         _fail(str(err))
     click.echo(format_table(rows))
+
+
+@main.command(name="run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value (YAML).")
+@click.pass_context
+def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Run RECIPE: convert -> finetune -> eval -> push (stages without a section are skipped; done ones reused)."""
+    from .run import run_recipe
+
+    try:
+        folder = run_recipe(recipe, overrides, progress=ctx.obj["progress"], echo=click.echo)
+    except FactorConvError as err:
+        _fail(str(err))
+    click.echo(f"done: {folder}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value (YAML).")
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE and plan it against the source's config when reachable; writes nothing."""
+    from .run import validate_recipe
+
+    try:
+        click.echo(validate_recipe(recipe, overrides))
+    except FactorConvError as err:
+        _fail(str(err))
+
+
+@main.command(name="push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to push to (created if missing; default main).")
+@click.option("--commit-message", help="Commit message (default: 'Upload FOLDER (factorconv)').")
+def push_command(folder: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None) -> None:
+    """Upload a complete output FOLDER to the Hub as REPO_ID (token from HF_TOKEN or `hf auth login`)."""
+    from .hub import push
+
+    try:
+        url = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    except FactorConvError as err:
+        _fail(str(err))
+    click.echo(f"pushed {folder} to {url}")
+
+
+@main.command(name="finetune")
+@click.argument("model")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--data", multiple=True, required=True, help=".txt/.jsonl/.npy file, folder of them, or a datasets name (repeatable).")
+@click.option("--teacher", help="Teacher model (default: the source recorded in MODEL's config).")
+@click.option("--tokens", help="Train on this many tokens, e.g. 50M (rounded up to whole steps).")
+@click.option("--steps", type=int, help="Optimizer steps (default: one pass over the data).")
+@click.option("--seq-len", type=int, help="Packed block length (default: the context, at most 2048).")
+@click.option("--batch-size", type=int, help="Blocks per micro-batch on each process.  [default: 8]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.  [default: 1]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-3]")
+@click.option("--warmup", type=int, help="Linear warmup steps (default: 5% of the steps), then cosine decay.")
+@click.option("--min-lr-ratio", type=float, help="Cosine floor as a fraction of --lr.  [default: 0.1]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm (0: none).  [default: 1.0]")
+@click.option("--trainable", type=click.Choice(["attention", "attention+norms", "all"]), help="What trains.  [default: attention]")
+@click.option("--lora-r", type=int, help="Also train LoRA adapters of this rank on the layers outside --trainable.")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (default: 2 × rank).")
+@click.option("--lora-targets", help="Comma-separated layer names for LoRA.  [default: gate_proj,up_proj,down_proj]")
+@click.option("--save-adapter", is_flag=True, help="Also save the peft adapter in OUTPUT/adapter.")
+@click.option("--kl-weight", type=float, help="Weight of KL(teacher || student).  [default: 1]")
+@click.option("--ce-weight", type=float, help="Weight of next-token cross-entropy.  [default: 0]")
+@click.option("--temperature", type=float, help="Distillation temperature.  [default: 1]")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), help="Training weights.  [default: float32]")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), help="[default: auto: bf16 on GPU, no on CPU]")
+@click.option("--device", help="auto, cpu, cuda or mps.  [default: auto]")
+@click.option("--save-every", type=int, help="Checkpoint every N steps (and at the end) for --resume.")
+@click.option("--keep-checkpoints", type=int, help="Keep the newest N checkpoints.  [default: 2]")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT's newest checkpoint (start if there is none).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--eval-data", help="Held-out data (default: the last blocks of --data are held out).")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (always before and after).")
+@click.option("--eval-fraction", type=float, help="Share of --data held out without --eval-data.  [default: 0.05]")
+@click.option("--eval-tokens", help="Evaluate on at most this many tokens.  [default: 262144]")
+@click.option("--seed", type=int, help="Data order and initialisation.  [default: 0]")
+@click.option("--max-shard-size", help="Largest output shard, e.g. 500MB.  [default: 2GB]")
+@click.option("--revision", help="Hub revision of MODEL.")
+@click.option("--teacher-revision", help="Hub revision of --teacher.")
+@click.option("--dataset-split", help="Split of a datasets name.  [default: train]")
+@click.pass_context
+def finetune_command(ctx: click.Context, model: str, output: Path, data: tuple[str, ...], **kwargs) -> None:
+    """Heal MODEL (a converted folder) by distillation from its source; writes OUTPUT.
+
+    Runs on one device as is, and on many with `accelerate launch -m factorconv finetune ...` or `torchrun`.
+    """
+    import os
+
+    from .finetune import FinetuneOptions, finetune
+    from .finetune.output import summary_line
+
+    given = {k: v for k, v in kwargs.items() if v is not None and v is not False}
+    try:
+        options = FinetuneOptions(model=model, output=output, data=list(data), **given)
+    except ValidationError as err:
+        _fail(_options_error(err))
+    try:
+        folder = finetune(options, progress=ctx.obj["progress"])
+    except FactorConvError as err:
+        _fail(str(err))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(summary_line(folder))

@@ -37,15 +37,25 @@ def target_kv_bytes_per_token(config: FactorConvConfig, bytes_per_value: int) ->
     return sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * bytes_per_value
 
 
+def copy_modeling_files(folder: Path) -> None:
+    """The self-contained configuration/modeling code that config.json's auto_map points at."""
+    for name in MODELING_FILES:
+        shutil.copy(MODELING_DIR / name, folder / name)
+
+
+def copy_tokenizer_files(folder: Path, source_folder: Path) -> None:
+    """Tokenizer, chat-template and generation files of `source_folder`, where it has them."""
+    for name in TOKENIZER_FILES:
+        if (source_folder / name).is_file():
+            shutil.copy(source_folder / name, folder / name)
+
+
 def write_artifacts(
     folder: Path, source_folder: Path, config: FactorConvConfig, options: ConvertOptions, reports: list[LayerReport]
 ) -> None:
     config.save_pretrained(folder)
-    for name in MODELING_FILES:
-        shutil.copy(MODELING_DIR / name, folder / name)
-    for name in TOKENIZER_FILES:
-        if (source_folder / name).is_file():
-            shutil.copy(source_folder / name, folder / name)
+    copy_modeling_files(folder)
+    copy_tokenizer_files(folder, source_folder)
     (folder / RECIPE_FILE).write_text(options.to_yaml())
     size = config.dtype.itemsize if hasattr(config.dtype, "itemsize") else 4
     report = {

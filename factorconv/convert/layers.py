@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..factorize.common import cholesky_whitening
+from ..factorize.common import cholesky_whitening, input_moment
 from ..factorize.mfa import (
     KeyMerge,
     ValueBasis,
@@ -34,6 +34,14 @@ class LayerReport:
     query_error: float | None = None
     attention_error: float | None = None  # relative attention-output error on held-out calibration tokens
     refined_attention_error: float | None = None  # the same after local refinement
+
+
+@dataclass
+class LayerStatistics:
+    """Calibration statistics of one layer's attention input."""
+
+    moment: torch.Tensor  # Σ = E[x̃x̃ᵀ], x̃ = [x; 1]
+    query_aware: bool = False  # weight key directions by how strongly queries read them
 
 
 @dataclass
@@ -74,7 +82,7 @@ def _output_projection(src: SourceAttention, prefix: str, weight: torch.Tensor) 
 
 
 def convert_tpa_attention(
-    src: SourceAttention, layer: int, config: FactorConvConfig, moment: torch.Tensor | None
+    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
 ) -> LayerResult:
     """TPA: head-mode factors of K and V (and Q when `tpa_rank_q` is set); o_proj unchanged.
 
@@ -95,7 +103,9 @@ def convert_tpa_attention(
             if bias is not None:
                 out[f"{src.prefix}q_proj.bias"] = bias
             continue
-        whitening = None if moment is None else cholesky_whitening(moment)
+        whitening = None
+        if stats is not None:
+            whitening = cholesky_whitening(input_moment(weight.shape[1], bias is not None, stats.moment))
         init = tensor_product_init(weight, bias, num_groups, heads, rank, whitening)
         errors[proj] = relative_error(weight, bias, init, num_groups, heads)
         out.update(_product_tensors(f"{src.prefix}{proj}_product", init, config.tpa_contextual, hidden))
@@ -118,12 +128,15 @@ def _query_tensors(prefix: str, rows: torch.Tensor, has_bias: bool, rank: int | 
 
 
 def _merged_key_and_value(
-    src: SourceAttention, config: FactorConvConfig, key_dim: int, value_dim: int, moment: torch.Tensor | None
+    src: SourceAttention, config: FactorConvConfig, key_dim: int, value_dim: int, stats: LayerStatistics | None
 ) -> tuple[KeyMerge, ValueBasis]:
-    """RoPE-preserving key merge (query-aware with statistics) and output-weighted value basis."""
+    """RoPE-preserving key merge and output-weighted value basis, under the input statistics when given."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     k_weight, k_bias = src.weight("k"), src.bias("k")
-    energy = None if moment is None else query_pair_energy(src.weight("q"), src.bias("q"), heads, groups, head_dim, moment)
+    moment = stats.moment if stats is not None else None
+    energy = None
+    if stats is not None and stats.query_aware:
+        energy = query_pair_energy(src.weight("q"), src.bias("q"), heads, groups, head_dim, moment)
     moments = pair_moments(k_weight, k_bias, groups, head_dim, moment)
     merge = rope_key_merge(k_weight, k_bias, groups, head_dim, key_dim, moments, energy)
     value = output_weighted_value_basis(src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, value_dim, moment)
@@ -131,11 +144,11 @@ def _merged_key_and_value(
 
 
 def convert_mfa_attention(
-    src: SourceAttention, layer: int, config: FactorConvConfig, moment: torch.Tensor | None
+    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
 ) -> LayerResult:
     """MFA: RoPE-preserving key merge, output-weighted value basis, queries mapped into the merged key."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    merge, value = _merged_key_and_value(src, config, config.key_dim[layer], config.value_dim[layer], moment)
+    merge, value = _merged_key_and_value(src, config, config.key_dim[layer], config.value_dim[layer], stats)
     q_bias = src.bias("q")
     queries = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim).flatten(0, 1)
     rank = config.query_rank[layer] if config.query_rank else None
@@ -148,11 +161,11 @@ def convert_mfa_attention(
 
 
 def convert_mfa_kr_attention(
-    src: SourceAttention, layer: int, config: FactorConvConfig, moment: torch.Tensor | None
+    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
 ) -> LayerResult:
     """MFA-KR: c = [merged RoPE key | value basis]; queries read c_rope, the output projection reads c_nope."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    merge, value = _merged_key_and_value(src, config, config.rope_dim[layer], config.nope_dim[layer], moment)
+    merge, value = _merged_key_and_value(src, config, config.rope_dim[layer], config.nope_dim[layer], stats)
     q_bias = src.bias("q")
     rope_part = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim)  # (h, d_R, d')
     nope_part = rope_part.new_zeros(heads, config.nope_dim[layer], rope_part.shape[2])
@@ -166,7 +179,7 @@ def convert_mfa_kr_attention(
     return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
 
 
-CONVERTERS: dict[str, Callable[[SourceAttention, int, FactorConvConfig, torch.Tensor | None], LayerResult]] = {
+CONVERTERS: dict[str, Callable[[SourceAttention, int, FactorConvConfig, LayerStatistics | None], LayerResult]] = {
     "tpa": convert_tpa_attention,
     "mfa": convert_mfa_attention,
     "mfa_kr": convert_mfa_kr_attention,
@@ -178,9 +191,9 @@ def convert_attention(
     layer: int,
     config: FactorConvConfig,
     device: torch.device,
-    moment: torch.Tensor | None = None,
+    stats: LayerStatistics | None = None,
 ) -> LayerResult:
-    """Convert one layer for `config.attention` (float32 tensors on `device`); `moment` is Σ = E[x̃x̃ᵀ]."""
-    result = CONVERTERS[config.attention](SourceAttention(read, layer, device), layer, config, moment)
+    """Convert one layer for `config.attention` (float32 tensors on `device`), from calibration stats if given."""
+    result = CONVERTERS[config.attention](SourceAttention(read, layer, device), layer, config, stats)
     result.tensors = {name: t.float().contiguous() for name, t in result.tensors.items()}
     return result

@@ -12,7 +12,8 @@ from ..errors import FactorConvError
 from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
 from .calibrate import LayerwiseRunner, calibration_tokens
-from .layers import ATTENTION_TENSOR, LayerReport, convert_attention
+from .device import resolve_device
+from .layers import ATTENTION_TENSOR, LayerReport, LayerStatistics, convert_attention
 from .plan import allocate_widths
 from .refine import refine_layer
 from .source import SourceCheckpoint, resolve_source
@@ -21,26 +22,6 @@ from .writer import ShardedWriter, parse_size
 
 logger = logging.getLogger("factorconv")
 SKIPPED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto', 'cpu', 'cuda', 'cuda:1', 'mps' -> a device that exists here, or a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise FactorConvError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto")
-    usable = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-        "mps": torch.backends.mps.is_available(),
-    }[device.type]
-    if not usable:
-        raise FactorConvError(f"device {name} is not available here; use --device cpu or auto")
-    return device
 
 
 def convert(options: ConvertOptions, progress: bool = True) -> Path:
@@ -79,8 +60,10 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                 if reports and reports[-1].layer == layer:
                     continue  # this layer's attention was converted when its first tensor came up
                 acts = next(runner) if runner is not None else None
-                moment = acts.moment() if acts is not None and options.uses_statistics else None
-                result = convert_attention(read, layer, config, device, moment)
+                stats = None
+                if acts is not None and options.uses_statistics:
+                    stats = LayerStatistics(acts.moment(), options.query_aware)
+                result = convert_attention(read, layer, config, device, stats)
                 if result.rope_pairs is not None:
                     config.rope_pair_index[layer] = result.rope_pairs
                 if acts is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FactorConvError
+from ..factorize.common import cholesky_whitening, input_moment
 from ..factorize.allocate import Component, greedy_allocation, uniform_allocation
 from ..factorize.mfa import key_gains, pair_moments, query_pair_energy, value_gains
 from ..factorize.tpa import head_mode_gains
@@ -51,7 +52,12 @@ def _flat_gains(count: int) -> list[float]:
 
 
 def components(
-    target: str, geometry: Geometry, contextual: bool, src: SourceAttention | None, moment: torch.Tensor | None
+    target: str,
+    geometry: Geometry,
+    contextual: bool,
+    src: SourceAttention | None,
+    moment: torch.Tensor | None,
+    query_aware: bool = False,
 ) -> list[Component]:
     """What one layer can spend width on, with gain curves from its weights (flat without weights)."""
     g, d, h = geometry.kv_heads, geometry.head_dim, geometry.heads
@@ -59,9 +65,8 @@ def components(
         per_rank = d + (h if contextual else 0)
         if src is None:
             return [Component(name, _flat_gains(g), per_rank) for name in WIDTH_FIELDS["tpa"]]
-        whitening = None if moment is None else _whitening(moment)
         return [
-            Component(name, head_mode_gains(src.weight(p), src.bias(p), g, h, whitening).tolist(), per_rank)
+            Component(name, head_mode_gains(src.weight(p), src.bias(p), g, h, _whitening(src, p, moment)).tolist(), per_rank)
             for name, p in zip(WIDTH_FIELDS["tpa"], "kv")
         ]
     key_name, value_name = WIDTH_FIELDS[target]
@@ -69,16 +74,19 @@ def components(
         key, value = _flat_gains(g * d // 2), _flat_gains(g * d)
     else:
         k_weight, k_bias = src.weight("k"), src.bias("k")
-        energy = None if moment is None else query_pair_energy(src.weight("q"), src.bias("q"), h, g, d, moment)
+        energy = None
+        if moment is not None and query_aware:
+            energy = query_pair_energy(src.weight("q"), src.bias("q"), h, g, d, moment)
         key = key_gains(pair_moments(k_weight, k_bias, g, d, moment), energy).tolist()
         value = value_gains(src.weight("v"), src.bias("v"), src.weight("o"), h, g, moment).tolist()
     return [Component(key_name, key, 2, units_per_value=2), Component(value_name, value, 1)]
 
 
-def _whitening(moment: torch.Tensor) -> torch.Tensor:
-    from ..factorize.common import cholesky_whitening
-
-    return cholesky_whitening(moment)
+def _whitening(src: SourceAttention, proj: str, moment: torch.Tensor | None) -> torch.Tensor | None:
+    if moment is None:
+        return None
+    weight, bias = src.weight(proj), src.bias(proj)
+    return cholesky_whitening(input_moment(weight.shape[1], bias is not None, moment))
 
 
 def layer_components(
@@ -101,7 +109,10 @@ def layer_components(
             for i in range(geometry.layers)
         ], True
     return [
-        components(options.to, geometry, options.contextual, SourceAttention(read, acts.layer, device), acts.moment())
+        components(
+            options.to, geometry, options.contextual, SourceAttention(read, acts.layer, device), acts.moment(),
+            options.query_aware,
+        )
         for acts in LayerwiseRunner(source, tokens, device)
     ], True
 
@@ -134,3 +145,80 @@ def allocate_widths(
 ) -> list[LayerPlan]:
     layers, have_spectra = layer_components(options, source, tokens, device)
     return plan_layers(options, Geometry.of(source.config), layers, have_spectra)
+
+
+@dataclass
+class PlanReport:
+    """What `factorconv plan` prints: the allocation and what it saves, before anything is written."""
+
+    source: str
+    target: str
+    layers: list[LayerPlan]
+    bytes_per_value: int
+    source_kv_bytes: int  # per token, all layers
+    target_kv_bytes: int
+    source_parameters: int
+    target_parameters: int
+
+
+def make_plan(options: ConvertOptions) -> PlanReport:
+    """Allocate widths for `options.kv_budget`; from config.json alone when the weights are not needed/present."""
+    from transformers import AutoModelForCausalLM
+
+    from ..modeling import FactorConvForCausalLM
+    from .calibrate import calibration_tokens
+    from .device import resolve_device
+    from .source import resolve_source
+    from .target import build_target_config, output_dtype
+
+    device = resolve_device(options.device)
+    needs_weights = options.calib is not None or options.allocation == "greedy"
+    folder = resolve_source(options.source, options.revision, weights=needs_weights)
+    source = SourceCheckpoint(folder, require_weights=options.calib is not None)
+    tokens = None
+    if options.calib is not None:
+        tokens = calibration_tokens(options.calib, folder, options.calib_samples, options.calib_seq_len)
+    plans = allocate_widths(options, source, tokens, device)
+    config = build_target_config(source, options, plans)
+    size = output_dtype(options, source).itemsize
+    with torch.device("meta"):
+        target_params = sum(p.numel() for p in FactorConvForCausalLM(config).parameters())
+        source_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(source.config).parameters())
+    geometry = Geometry.of(source.config)
+    return PlanReport(
+        options.source,
+        options.to,
+        plans,
+        size,
+        geometry.source_width * geometry.layers * size,
+        sum(p.cache_width for p in plans) * size,
+        source_params,
+        target_params,
+    )
+
+
+def format_plan(report: PlanReport) -> str:
+    """Per-layer widths and predicted errors, then the totals."""
+    names = list(report.layers[0].widths)
+    header = ["layer", *names, "cached/token"] + (
+        [f"err {n}" for n in names] if report.layers[0].predicted_error is not None else []
+    )
+    rows = []
+    for p in report.layers:
+        row = [str(p.layer), *(str(p.widths[n]) for n in names), str(p.cache_width)]
+        if p.predicted_error is not None:
+            row += [f"{p.predicted_error[n]:.3f}" for n in names]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    ratio = report.target_kv_bytes / report.source_kv_bytes
+    delta = report.target_parameters - report.source_parameters
+    lines += [
+        "",
+        f"{report.target} from {report.source}",
+        f"KV bytes/token: {report.source_kv_bytes:,} -> {report.target_kv_bytes:,} ({ratio:.1%} of the source)",
+        f"parameters: {report.source_parameters:,} -> {report.target_parameters:,} ({delta:+,})",
+    ]
+    if report.layers[0].predicted_error is None:
+        lines.append("widths are uniform: no weights were read, so no error is predicted")
+    return "\n".join(lines)

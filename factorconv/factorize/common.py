@@ -17,13 +17,16 @@ def split_bias_column(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Te
 def input_moment(
     in_features: int, has_bias: bool, moment: torch.Tensor | None, device: torch.device | None = None
 ) -> torch.Tensor:
-    """E[x̃x̃ᵀ] over inputs x̃ = [x; 1]; weight-only conversions use the identity (every direction equal)."""
+    """E[x̃x̃ᵀ] over inputs x̃ = [x; 1] (just E[xxᵀ] without a bias); the identity when weight-only.
+
+    `moment` may be given with the constant channel (d+1 square) and is cut to what the projection reads.
+    """
     size = in_features + int(has_bias)
     if moment is None:
         return torch.eye(size, dtype=torch.float64, device=device)
-    if moment.shape != (size, size):
+    if moment.shape[0] not in (in_features, in_features + 1) or moment.shape[0] < size:
         raise ValueError(f"input moment must be {size}x{size}, got {tuple(moment.shape)}")
-    return moment.to(device=device, dtype=torch.float64)
+    return moment[:size, :size].to(device=device, dtype=torch.float64)
 
 
 def psd_sqrt_and_inverse(matrix: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:

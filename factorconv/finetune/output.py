@@ -1,0 +1,176 @@
+"""Write the healed model like a conversion output: sharded safetensors under the input's tensor names and
+dtype, its config, the modeling and tokenizer files (convert's own helpers), the recipe with a `finetune`
+section, the report and model card with the healing results. Staged in a hidden folder, then moved in."""
+
+import json
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors import safe_open
+
+from ..convert.artifacts import RECIPE_FILE, REPORT_FILE, copy_modeling_files, copy_tokenizer_files
+from ..convert.writer import ShardedWriter, parse_size
+from ..errors import FactorConvError
+from .trainable import merge_lora_state_dict
+
+SUMMARY_FILE = "finetune_summary.json"
+ADAPTER_DIR = "adapter"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_tensor_names(folder: Path) -> set[str]:
+    """Names of the tensors stored in a model folder (from its index, or its single safetensors file)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FactorConvError(f"no model.safetensors or {INDEX_FILE} in {folder}")
+    with safe_open(single, framework="pt") as f:
+        return set(f.keys())
+
+
+def _strip_wrappers(state: dict) -> dict:
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def write_weights(folder: Path, state: dict[str, torch.Tensor], names: set[str], dtype: torch.dtype, max_shard: int):
+    """Exactly the tensors the input folder stored (tied copies stay out), in model order, in `dtype`."""
+    missing = sorted(names - state.keys())
+    if missing:
+        raise FactorConvError(f"the trained model lacks tensor {missing[0]} that the input model stores")
+    writer = ShardedWriter(folder, max_shard)
+    for name, tensor in state.items():
+        if name in names:
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    writer.close()
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    loaded = yaml.safe_load(path.read_text())
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def summary_line(folder: Path) -> str:
+    """One line for the terminal: where the model went and what healing did to its perplexity."""
+    summary = json.loads((Path(folder) / SUMMARY_FILE).read_text())
+    ev = summary["eval"]
+    teacher = f" (teacher {ev['teacher_ppl']:.4f})" if ev.get("teacher_ppl") is not None else ""
+    return (
+        f"wrote {folder}: {summary['steps']:,} steps, {summary['tokens']:,} tokens; eval perplexity "
+        f"{ev['before_ppl']:.4f} -> {ev['after_ppl']:.4f}{teacher} on {ev['data']}"
+    )
+
+
+def _changed_options(options: dict) -> dict:
+    """The options a reader needs to repeat the run: what differs from the defaults, less run control."""
+    from .options import FinetuneOptions
+
+    shown = FinetuneOptions(**options).model_dump(mode="json", exclude_defaults=True)
+    return {k: v for k, v in shown.items() if k not in ("resume", "overwrite", "output")}
+
+
+def healing_section(summary: dict) -> str:
+    o, ev = summary["options"], summary["eval"]
+    what = o["trainable"] + (f" + LoRA r={o['lora_r']} on {', '.join(o['lora_targets'])}, merged" if o["lora_r"] else "")
+    objective = f"KL(teacher ‖ student) at temperature {o['temperature']:g}" if o["kl_weight"] > 0 else ""
+    if o["ce_weight"] > 0:
+        objective += (" + " if objective else "") + f"{o['ce_weight']:g} × next-token cross-entropy"
+    rows = [("converted, before healing", ev["before_ppl"]), ("healed", ev["after_ppl"])]
+    if ev.get("teacher_ppl") is not None:
+        rows.insert(0, (f"teacher `{summary['teacher']}`", ev["teacher_ppl"]))
+    table = "\n".join(f"| {name} | {ppl:.4f} |" for name, ppl in rows)
+    teacher = f" from `{summary['teacher']}`" if summary.get("teacher") else ""
+    return f"""
+## Healing
+
+Fine-tuned{teacher} with `factorconv finetune`: {objective}; {summary['steps']:,} steps,
+{summary['tokens']:,} tokens trained ({summary['tokens_per_step']:,} per step, blocks of {summary['seq_len']}),
+learning rate {o['lr']:g}, trainable: {what} ({summary['trainable_parameters']:,} of
+{summary['parameters']:,} parameters).
+
+| perplexity on {ev['data']} ({ev['tokens']:,} tokens) | |
+|---|---:|
+{table}
+
+```yaml
+{yaml.safe_dump({"finetune": _changed_options(o)}, sort_keys=False).strip()}
+```
+"""
+
+
+def healed_card(model_folder: Path, name: str, summary: dict) -> ModelCard:
+    """The input's model card (title renamed, healing section added before its recipe), or a new one."""
+    section = healing_section(summary)
+    readme = model_folder / "README.md"
+    if readme.is_file():
+        card = ModelCard.load(readme)
+        data, body = card.data, card.text
+    else:
+        data, body = ModelCardData(library_name="transformers", pipeline_tag="text-generation"), f"\n# {name}\n"
+    tags = list(data.tags or [])
+    data.tags = tags + [t for t in ("factorconv", "distillation") if t not in tags]
+    body = re.sub(r"^# .*$", f"# {name}", body, count=1, flags=re.MULTILINE)
+    if "\n## Recipe" in body:
+        head, tail = body.split("\n## Recipe", 1)
+        body = head.rstrip() + "\n" + section + "\n## Recipe" + tail
+    else:
+        body = body.rstrip() + "\n" + section
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
+
+
+def save_adapter(run, raw_state: dict, folder: Path) -> None:
+    """The peft adapter (LoRA weights + the fully trained modules), loadable on the input model."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    model = run.accelerator.unwrap_model(run.student)
+    adapter = get_peft_model_state_dict(model, state_dict=raw_state)
+    folder.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(folder / "adapter_model.safetensors"))
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = run.options.model
+    config.save_pretrained(folder)
+
+
+def write_outputs(run, state: dict[str, torch.Tensor], summary: dict) -> None:
+    """Everything a healed folder holds, staged in a hidden folder of OUT and moved in at the end."""
+    out, model_folder, options = run.out, run.model_folder, run.options
+    staging = out / f".model-partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        raw = _strip_wrappers(state)
+        merged = merge_lora_state_dict(raw, run.lora_scaling) if run.lora_scaling is not None else raw
+        names = checkpoint_tensor_names(model_folder)
+        write_weights(staging, merged, names, run.output_dtype, parse_size(options.max_shard_size))
+        shutil.copy(model_folder / "config.json", staging / "config.json")
+        if getattr(run.config, "model_type", None) == "factorconv":
+            copy_modeling_files(staging)
+        copy_tokenizer_files(staging, model_folder)
+        recipe = _read_yaml(model_folder / RECIPE_FILE)
+        recipe["finetune"] = summary["options"]
+        (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        report_path = model_folder / REPORT_FILE
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report["finetune"] = {k: v for k, v in summary.items() if k != "options"}
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        healed_card(model_folder, out.name, summary).save(staging / "README.md")
+        if options.save_adapter:
+            save_adapter(run, raw, staging / ADAPTER_DIR)
+        for stale in list(out.glob("model*.safetensors")) + list(out.glob(INDEX_FILE)):
+            stale.unlink()
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

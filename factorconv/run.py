@@ -1,0 +1,402 @@
+"""`factorconv run` and `factorconv validate`: the whole pipeline from one recipe.
+
+Stages: convert → finetune → eval → push, each skipped when its section is absent. A stage whose output is
+complete is reused on a re-run: the folder passes `hub.folder_problems` (config, modeling files, every shard
+its index lists) and its `factorconv_run.json` records the same options as the current recipe's stage.
+Every finished folder holds the exact recipe (after `--set` overrides) in `factorconv_recipe.yaml`, and its
+model card embeds it.
+"""
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__
+from .card import CardResults, source_license, write_model_card
+from .errors import FactorConvError
+from .hub import folder_problems, push, require_token
+from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
+
+logger = logging.getLogger("factorconv")
+
+STAGE_FILE = "factorconv_run.json"  # {"convert": options, "finetune": options}: what produced the folder
+EVAL_FILE = "factorconv_eval.json"  # {"key": what was evaluated, "results": CardResults fields}
+RECIPE_FILE = "factorconv_recipe.yaml"
+# Options that do not change what a stage computes, left out of its record.
+CONVERT_VOLATILE = {"overwrite", "device"}
+FINETUNE_VOLATILE = {"overwrite", "resume", "device", "save_every", "keep_checkpoints", "eval_every"}
+_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".npy")
+# What an interrupted `finetune` leaves in its output (checkpoints, metrics): resumable, so ours to reuse.
+FINETUNE_WORK_FILES = (".checkpoints", "finetune_metrics.jsonl")
+
+
+# --- validate ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecipePlan:
+    """What a recipe's conversion will produce, from the source config (and weights when they are local)."""
+
+    source: str
+    architecture: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kind: str
+    widths: list[dict[str, int]]  # per layer: config field -> width, e.g. {"key_dim": 128, "value_dim": 128}
+    dtype: str
+    kv_bytes_source: int  # per token, all layers, in `dtype`
+    kv_bytes_target: int
+    parameters_source: int
+    parameters_target: int
+    allocation: str | None = None  # how a kv_budget was spread, None for explicit widths
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reduction(self) -> float:
+        """Converted KV bytes as a fraction of the source's."""
+        return self.kv_bytes_target / self.kv_bytes_source
+
+    def describe(self) -> list[str]:
+        first = self.widths[0]
+        same = all(w == first for w in self.widths)
+        dims = " ".join(f"{k}={v}" for k, v in first.items())
+        per_layer = f"{dims} in all {self.layers} layers" if same else "per layer " + "; ".join(
+            f"{i}: " + " ".join(f"{k}={v}" for k, v in w.items()) for i, w in enumerate(self.widths)
+        )
+        lines = [
+            f"source    {self.source}: {self.architecture}, {self.layers} layers, {self.heads} heads, "
+            f"{self.kv_heads} KV heads x {self.head_dim}, {self.parameters_source:,} parameters",
+            f"target    {self.kind}: {per_layer}" + (f" ({self.allocation})" if self.allocation else ""),
+            f"KV cache  {self.kv_bytes_source:,} -> {self.kv_bytes_target:,} bytes/token in {self.dtype} "
+            f"({self.reduction:.1%}, {1 / self.reduction:.2f}x smaller)",
+            f"params    {self.parameters_source:,} -> {self.parameters_target:,}",
+        ]
+        return lines + [f"note      {n}" for n in self.notes]
+
+
+def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
+    """Plan the recipe's conversion against the source config in `folder`, building both models on the meta device.
+
+    With a kv_budget the widths come from `factorconv.convert.plan.allocate_widths`: from the weights' spectra
+    when the folder has them (the calibration statistics only enter at conversion), uniformly from a config alone.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .convert.plan import allocate_widths
+    from .convert.source import SourceCheckpoint
+    from .convert.target import build_target_config, output_dtype
+    from .modeling import FactorConvForCausalLM
+
+    options = recipe.convert_options()
+    try:
+        source = SourceCheckpoint(folder, require_weights=False)
+        plans = allocate_widths(options, source, None, torch.device("cpu")) if options.kv_budget else None
+        config = build_target_config(source, options, plans)
+    except FactorConvError as err:
+        raise FactorConvError(flags_to_keys(str(err), convert_key)) from None
+    with torch.device("meta"):
+        source_model = AutoModelForCausalLM.from_config(source.config)
+        target_model = FactorConvForCausalLM(config)
+    dtype = output_dtype(options, source)
+    size = dtype.itemsize
+    fields = _width_fields(config.attention)
+    widths = [{name: getattr(config, name)[i] for name in fields} for i in range(config.num_hidden_layers)]
+    allocation = None
+    notes = []
+    if options.kv_budget is not None:
+        spectra = source.has_weights and options.allocation == "greedy"
+        allocation = f"kv_budget {options.kv_budget:g}, " + (
+            "greedy over the weights' spectra" if spectra else "uniform"
+        )
+        if options.allocation == "greedy" and not source.has_weights:
+            notes.append("greedy allocation needs the weights: the conversion may spread widths unevenly")
+    return RecipePlan(
+        source=recipe.source.model,
+        architecture=source.architecture,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        kind=config.attention,
+        widths=widths,
+        dtype=str(dtype).removeprefix("torch."),
+        kv_bytes_source=2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * size,
+        kv_bytes_target=sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * size,
+        parameters_source=sum(p.numel() for p in source_model.parameters()),
+        parameters_target=sum(p.numel() for p in target_model.parameters()),
+        allocation=allocation,
+        notes=notes,
+    )
+
+
+def _width_fields(attention: str) -> tuple[str, ...]:
+    return {"tpa": ("tpa_rank_k", "tpa_rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}[
+        attention
+    ]
+
+
+def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
+    """The folder with the source's config.json (a Hub id fetches config.json only), or None and why not."""
+    from .convert.source import resolve_source
+
+    model = recipe.source.model
+    if Path(model).expanduser().exists() or not re.match(r"^[\w.-]+/[\w.-]+$", model):
+        return resolve_source(model, recipe.source.revision, weights=False), None
+    try:
+        return resolve_source(model, recipe.source.revision, weights=False), None
+    except FactorConvError as err:
+        return None, str(err)
+
+
+def validate_recipe(path: Path, overrides: Sequence[str] = ()) -> str:
+    """Check a recipe (schema, and the plan against the source config when reachable); writes nothing."""
+    recipe = load_recipe(path, overrides)
+    lines = [f"{path}: valid recipe"]
+    folder, why = source_config_folder(recipe)
+    if folder is None:
+        why = why.split(". ")[0].split("; ")[0]
+        lines.append(f"source    {recipe.source.model}: config not reachable ({why}); schema checked, plan skipped")
+        lines.append("          (plan against a local copy with --set source.model=FOLDER)")
+    else:
+        lines += plan_recipe(recipe, folder).describe()
+    lines.append("stages    " + " -> ".join(_stages(recipe)))
+    lines += [f"warning   {w}" for w in _missing_inputs(recipe)]
+    return "\n".join(lines)
+
+
+def _stages(recipe: Recipe) -> list[str]:
+    stages = [f"convert to {recipe.converted_dir}"]
+    if recipe.finetune is not None:
+        options = recipe.finetune_options()
+        budget = f"{options.tokens:,} tokens" if options.tokens else f"{options.steps} steps" if options.steps else "1 pass"
+        stages.append(f"finetune ({budget}) to {recipe.final_dir}")
+    if recipe.eval is not None:
+        stages.append(f"eval on {recipe.eval.data}")
+    if recipe.push is not None:
+        stages.append(f"push to {recipe.push.repo_id}" + (f"@{recipe.push.revision}" if recipe.push.revision else ""))
+    return stages
+
+
+def _missing_inputs(recipe: Recipe) -> list[str]:
+    """Local data files the recipe names that do not exist (yet)."""
+    missing = []
+    if recipe.eval is not None and not recipe.eval.data.is_file():
+        missing.append(f"eval.data {recipe.eval.data} not found")
+    calib = (recipe.calibration or {}).get("data")
+    if isinstance(calib, str) and _looks_like_file(calib) and not Path(calib).expanduser().exists():
+        missing.append(f"calibration.data {calib} not found")
+    if recipe.finetune is not None:
+        for i, item in enumerate(recipe.finetune_options().data):
+            if _looks_like_file(item) and not Path(item).expanduser().exists():
+                missing.append(f"finetune.data[{i}] {item} not found")
+    return missing
+
+
+def _looks_like_file(spec: str) -> bool:
+    return Path(spec).suffix in _FILE_SUFFIXES or spec.startswith((".", "/", "~"))
+
+
+# --- run --------------------------------------------------------------------------------------------------------------
+
+
+def run_recipe(
+    path: Path, overrides: Sequence[str] = (), progress: bool = True, echo: Callable[[str], None] = logger.info
+) -> Path:
+    """Run every stage the recipe has; returns the final folder. Completed stages are reused."""
+    recipe = load_recipe(path, overrides)
+    missing = _missing_inputs(recipe)
+    if missing:
+        raise FactorConvError(f"{path}: {missing[0]}")
+    if recipe.push is not None:
+        require_token()
+    recipe_text = _recipe_text(path, overrides, recipe)
+    converted, final = recipe.converted_dir, recipe.final_dir
+    options = recipe.convert_options()
+    convert_record = _record(options, CONVERT_VOLATILE)
+    finetune_options = recipe.finetune_options() if recipe.finetune is not None else None
+    records = {"convert": convert_record}
+    if finetune_options is not None:
+        records["finetune"] = _record(finetune_options, FINETUNE_VOLATILE)
+    # Refuse up front (not after hours of conversion) to replace a folder that is not ours.
+    reuse_convert = _complete(converted, {"convert": convert_record})
+    if not reuse_convert:
+        _replaceable(converted)
+    if finetune_options is not None and not _complete(final, records):
+        _replaceable(final)
+
+    license_ = _license(recipe)
+    if reuse_convert:
+        echo(f"convert   reusing {converted} (complete, same options)")
+    else:
+        from .convert import convert
+
+        echo(f"convert   {recipe.source.model} -> {converted} ({_target_summary(options)})")
+        convert(options.model_copy(update={"overwrite": converted.exists()}), progress=progress)
+    _finish(converted, {"convert": convert_record}, recipe_text, license_=license_)
+
+    if finetune_options is not None:
+        if _complete(final, records):
+            echo(f"finetune  reusing {final} (complete, same options)")
+        else:
+            echo(f"finetune  {converted} -> {final}")
+            _finetune(finetune_options, final, progress, may_resume=reuse_convert)
+        _finish(final, records, recipe_text, license_=license_)
+
+    results = CardResults()
+    if recipe.eval is not None:
+        results = _eval_stage(recipe, records, progress, echo)
+    if finetune_options is not None and finetune_options.tokens:
+        results.finetune_tokens = results.finetune_tokens or finetune_options.tokens
+    repo_id = recipe.push.repo_id if recipe.push is not None else None
+    _finish(final, records, recipe_text, license_=license_, results=results, repo_id=repo_id)
+    if recipe.push is not None:
+        url = push(
+            final,
+            recipe.push.repo_id,
+            private=recipe.push.private,
+            revision=recipe.push.revision,
+            commit_message=recipe.push.commit_message,
+        )
+        echo(f"push      {final} -> {url}")
+    return final
+
+
+def _target_summary(options: ConvertOptions) -> str:
+    parts = [options.to]
+    for name in ("kv_budget", "rank_k", "rank_v", "rank_q", "key_dim", "value_dim", "rope_dim", "nope_dim", "query_rank"):
+        value = getattr(options, name, None)
+        if value is not None:
+            parts.append(f"{name} {value}")
+    if getattr(options, "calib", None):
+        parts.append(f"calibrated on {options.calib}")
+    return ", ".join(parts)
+
+
+def _recipe_text(path: Path, overrides: Sequence[str], recipe: Recipe) -> str:
+    given = " ".join(f"--set {o}" for o in overrides)
+    header = f"# factorconv {__version__} ran this recipe: {path}" + (f" {given}" if given else "") + "\n"
+    return header + recipe.to_yaml()
+
+
+def _record(options, volatile: set[str]) -> dict:
+    return {k: v for k, v in options.model_dump(mode="json").items() if k not in volatile}
+
+
+def _records(folder: Path) -> dict:
+    """What produced `folder`: its stage file, or for a plain `factorconv convert` output its recipe file."""
+    stage = folder / STAGE_FILE
+    if stage.is_file():
+        try:
+            data = json.loads(stage.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+    recipe = folder / RECIPE_FILE
+    if recipe.is_file():
+        try:
+            data = yaml.safe_load(recipe.read_text())
+        except yaml.YAMLError:
+            return {}
+        if isinstance(data, dict) and isinstance(data.get("convert"), dict):
+            return {"convert": {k: v for k, v in data["convert"].items() if k not in CONVERT_VOLATILE}}
+    return {}
+
+
+def _complete(folder: Path, expected: dict) -> bool:
+    if not folder.is_dir() or folder_problems(folder):
+        return False
+    recorded = _records(folder)
+    return all(recorded.get(stage) == record for stage, record in expected.items())
+
+
+def _replaceable(folder: Path) -> None:
+    """A folder the run may replace: absent, empty, or written by factorconv (so it holds nothing else)."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FactorConvError(f"{folder} is a file; set output.dir to a folder path")
+    ours = any((folder / name).exists() for name in (STAGE_FILE, RECIPE_FILE, *FINETUNE_WORK_FILES))
+    if not ours and any(folder.iterdir()):
+        raise FactorConvError(f"{folder} exists and is not a factorconv output; remove it or choose another output.dir")
+
+
+def _finetune(options, final: Path, progress: bool, may_resume: bool) -> None:
+    try:
+        from .finetune import finetune
+    except ImportError:
+        raise FactorConvError("fine-tuning is not available in this version of factorconv") from None
+    # An interrupted fine-tune of the same converted model leaves checkpoints in its output: continue from them.
+    resume = may_resume and final.is_dir() and not (final / STAGE_FILE).is_file()
+    finetune(options.model_copy(update={"resume": resume, "overwrite": not resume and final.exists()}), progress=progress)
+
+
+def _eval_stage(recipe: Recipe, records: dict, progress: bool, echo: Callable[[str], None]) -> CardResults:
+    from .convert.pipeline import resolve_device
+    from .convert.source import resolve_source
+    from .evaluate.report import evaluate, format_table
+
+    spec = recipe.eval
+    key = {"eval": spec.model_dump(mode="json"), **records}
+    cache = recipe.final_dir / EVAL_FILE
+    try:
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("key") == key:
+        echo(f"eval      reusing {cache.name} (same models, same data)")
+        return CardResults.from_dict(cached.get("results"))
+
+    device = resolve_device(recipe.device)
+    compare = str(resolve_source(recipe.source.model, recipe.source.revision)) if spec.compare_source else None
+    common = dict(seq_len=spec.seq_len, max_tokens=spec.max_tokens, device=device, dtype=spec.dtype, progress=progress)
+    rows = evaluate(str(recipe.final_dir), spec.data, compare, **common)
+    final_row = rows[-1]
+    results = CardResults(eval_data=spec.data.name, kv_bytes_measured=final_row.kv_bytes_measured)
+    if compare:
+        results.perplexity_source = rows[0].perplexity
+    if recipe.finetune is not None:
+        results.perplexity_finetuned = final_row.perplexity
+        converted_row = evaluate(str(recipe.converted_dir), spec.data, None, **common)[0]
+        rows.insert(-1, converted_row)
+        results.perplexity_converted = converted_row.perplexity
+    else:
+        results.perplexity_converted = final_row.perplexity
+    echo("eval\n" + format_table(rows))
+    cache.write_text(json.dumps({"key": key, "results": results.to_dict()}, indent=2) + "\n")
+    return results
+
+
+def _license(recipe: Recipe) -> str | None:
+    """The source's license from its model card: the local folder's, or best effort from the Hub."""
+    model = Path(recipe.source.model).expanduser()
+    if model.is_dir():
+        return source_license(model)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        card = hf_hub_download(recipe.source.model, "README.md", revision=recipe.source.revision)
+    except Exception:  # offline, gated, no card: the card simply has no license line
+        return None
+    return source_license(Path(card).parent)
+
+
+def _finish(
+    folder: Path,
+    records: dict,
+    recipe_text: str,
+    license_: str | None,
+    results: CardResults | None = None,
+    repo_id: str | None = None,
+) -> None:
+    """Record what produced the folder (first, so the record is never lost), then the exact recipe and the card."""
+    (folder / STAGE_FILE).write_text(json.dumps(records, indent=2) + "\n")
+    (folder / RECIPE_FILE).write_text(recipe_text)
+    write_model_card(folder, recipe=recipe_text, results=results, repo_id=repo_id, license=license_)
