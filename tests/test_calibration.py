@@ -1,0 +1,214 @@
+"""Calibration statistics, statistics-aware objectives, KV-budget allocation, refinement and `plan`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import random_ids
+
+from factorconv.cli import main
+from factorconv.convert import convert
+from factorconv.convert.calibrate import LayerwiseRunner, MomentAccumulator, calibration_tokens
+from factorconv.convert.source import SourceCheckpoint
+from factorconv.errors import FactorConvError
+from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
+from factorconv.factorize.allocate import Component, greedy_allocation, uniform_allocation
+from factorconv.factorize.mfa import (
+    merge_queries,
+    output_weighted_value_basis,
+    pair_moments,
+    query_pair_energy,
+    rope_key_merge,
+)
+from factorconv.recipe import ConvertOptions
+
+
+def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen) * torch.logspace(0, -2, d)[None]  # strongly anisotropic
+    return torch.randn(n, d, generator=gen) @ mix.T + 0.3
+
+
+def moment_of(x: torch.Tensor) -> torch.Tensor:
+    acc = MomentAccumulator()
+    acc.update(x)
+    return acc.value()
+
+
+def test_moment_accumulates_identically_in_one_pass_or_chunks():
+    x = correlated_inputs(300, 12, seed=0)
+    chunked = MomentAccumulator()
+    for part in torch.split(x, [7, 100, 1, 192]):
+        chunked.update(part)
+    torch.testing.assert_close(chunked.value(), moment_of(x), rtol=1e-12, atol=1e-12)
+    xt = torch.cat([x, torch.ones(300, 1)], dim=1).double()
+    torch.testing.assert_close(moment_of(x), xt.T @ xt / 300)
+
+
+def test_layerwise_runner_matches_full_forward_hooks(source_dirs, source_model):
+    source = SourceCheckpoint(source_dirs["qwen2_gqa"])
+    tokens = random_ids(6, 20, seed=1)
+    model = source_model("qwen2_gqa")
+    captured = {}
+    hooks = [
+        layer.self_attn.register_forward_hook(
+            lambda mod, args, kwargs, out, i=i: captured.__setitem__(i, (kwargs["hidden_states"], out[0])),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    for acts in LayerwiseRunner(source, tokens, torch.device("cpu"), batch_size=4):
+        x, out = captured[acts.layer]
+        torch.testing.assert_close(acts.inputs, x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(acts.outputs, out, atol=1e-5, rtol=1e-5)
+        fit = x[: x.shape[0] - acts.held_out]
+        torch.testing.assert_close(acts.moment(chunk=2), moment_of(fit), atol=1e-8, rtol=1e-6)
+
+
+def test_greedy_allocation_respects_budget_and_favours_slow_spectra():
+    fast = [0.9, 0.05, 0.03, 0.01, 0.01]  # energy concentrated in one direction
+    slow = [0.25, 0.2, 0.2, 0.2, 0.15]  # spread out: more units remove more error
+    layers = [[Component("value_dim", fast, 1)], [Component("value_dim", slow, 1)]]
+    for budget in range(2, 11):
+        plans = greedy_allocation(layers, budget)
+        assert sum(p["value_dim"] for p in plans) <= budget
+    plans = greedy_allocation(layers, 6)
+    assert plans[1]["value_dim"] > plans[0]["value_dim"]
+    with pytest.raises(ValueError):
+        greedy_allocation(layers, 1)
+    gen = torch.Generator().manual_seed(0)
+    mixed = [
+        [Component("key_dim", sorted(torch.rand(8, generator=gen).tolist(), reverse=True), 2, 2),
+         Component("value_dim", sorted(torch.rand(16, generator=gen).tolist(), reverse=True), 1)]
+        for _ in range(4)
+    ]
+    for budget in (12, 25, 40, 95):
+        for allocate in (greedy_allocation, uniform_allocation):
+            plans = allocate(mixed, budget)
+            assert sum(p["key_dim"] + p["value_dim"] for p in plans) <= budget
+
+
+def _key_error(weight, merge, pairs_weight, moment, heads=None, q_weight=None):
+    """E‖k − k̂‖² under Σ, with k̂ read back through the query-side mix (the map queries really use)."""
+    g, d_head = 2, 8
+    half = d_head // 2
+    per_head = weight.double().reshape(g, d_head, -1)
+    recon = torch.zeros_like(per_head)
+    index = torch.tensor(merge.pairs)
+    kw = merge.weight.double()
+    n = len(merge.pairs)
+    for j in range(g):
+        coeff = merge.query_mixing[:, j].double()  # (n,)
+        recon[j].index_add_(0, index, coeff[:, None] * kw[:n])
+        recon[j].index_add_(0, index + half, coeff[:, None] * kw[n:])
+    diff = (per_head - recon).reshape(g * d_head, -1)
+    sigma = moment[:-1, :-1].double()
+    if pairs_weight is None:
+        return float(torch.trace(diff @ sigma @ diff.T))
+    rows = (diff @ sigma * diff).sum(1).reshape(g, 2, half).sum(1)  # (g, D/2)
+    return float((rows * pairs_weight.T).sum())
+
+
+def test_statistics_objectives_beat_weight_only_on_their_own_error():
+    torch.manual_seed(0)
+    d, g, h, head_dim = 16, 2, 4, 8
+    k_weight, q_weight = torch.randn(g * head_dim, d), torch.randn(h * head_dim, d)
+    v_weight, o_weight = torch.randn(g * head_dim, d), torch.randn(d, h * head_dim)
+    moment = moment_of(correlated_inputs(4000, d, seed=3))
+    # Keys: the input-statistics merge keeps more key energy as the inputs really are.
+    plain = rope_key_merge(k_weight, None, g, head_dim, 6, pair_moments(k_weight, None, g, head_dim, None))
+    stats = rope_key_merge(k_weight, None, g, head_dim, 6, pair_moments(k_weight, None, g, head_dim, moment))
+    assert _key_error(k_weight, stats, None, moment) < _key_error(k_weight, plain, None, moment)
+    # Query-aware: smaller query-weighted key error.
+    energy = query_pair_energy(q_weight, None, h, g, head_dim, moment)
+    aware = rope_key_merge(k_weight, None, g, head_dim, 6, pair_moments(k_weight, None, g, head_dim, moment), energy)
+    assert _key_error(k_weight, aware, energy, moment) < _key_error(k_weight, stats, energy, moment)
+    # Values: output-weighted error under Σ.
+    def value_error(basis):
+        recon = basis.read.double() @ basis.weight.double()
+        diff = v_weight.double() - recon
+        blocks = o_weight.double().reshape(d, h, head_dim).transpose(0, 1)  # (h, d, D)
+        total = 0.0
+        for i in range(h):
+            rows = diff[(i // (h // g)) * head_dim : (i // (h // g) + 1) * head_dim]
+            out = blocks[i] @ rows
+            total += float(torch.trace(out @ moment[:-1, :-1] @ out.T))
+        return total
+
+    weight_only = output_weighted_value_basis(v_weight, None, o_weight, h, g, 5, None)
+    with_stats = output_weighted_value_basis(v_weight, None, o_weight, h, g, 5, moment)
+    assert value_error(with_stats) < value_error(weight_only)
+    assert merge_queries(q_weight, None, aware, h, head_dim).shape == (h, 6, d)
+
+
+def _tokens_file(tmp_path, seq=16, count=24):
+    path = tmp_path / "calib.npy"
+    np.save(path, random_ids(1, seq * count, seed=5)[0].numpy().astype(np.uint16))
+    return path
+
+
+@pytest.mark.parametrize("target", ["tpa", "mfa", "mfa_kr"])
+def test_calibrated_conversion_meets_budget_and_refines(target, source_dirs, tmp_path, load_model):
+    calib = _tokens_file(tmp_path, seq=32, count=80)
+    budget = 0.5
+    options = ConvertOptions(
+        source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to=target, kv_budget=budget,
+        calib=str(calib), calib_samples=80, calib_seq_len=32, refine_steps=60,
+    )
+    out = convert(options, progress=False)
+    model = load_model(out)
+    source = load_model(source_dirs["llama_gqa"])
+    assert analytic_kv_bytes_per_token(model.config, 4) <= budget * analytic_kv_bytes_per_token(source.config, 4)
+    report = json.loads((out / "factorconv_report.json").read_text())
+    for layer in report["layers"]:
+        assert 0 < layer["attention_error"]
+        assert layer["refined_attention_error"] <= layer["attention_error"]
+    assert any(layer["refined_attention_error"] < layer["attention_error"] for layer in report["layers"])
+
+
+def test_calibrated_full_width_is_still_exact(source_dirs, source_model, tmp_path, load_model):
+    calib = _tokens_file(tmp_path)
+    out = convert(
+        ConvertOptions(source=str(source_dirs["qwen2_gqa"]), output=tmp_path / "out", to="mfa",
+                       calib=str(calib), calib_samples=8, calib_seq_len=16, refine_steps=0),
+        progress=False,
+    )
+    ids = random_ids(2, 20, seed=4)
+    with torch.no_grad():
+        diff = (load_model(out)(ids).logits - source_model("qwen2_gqa")(ids).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_too_little_calibration_data_is_one_clear_error(source_dirs, tmp_path):
+    path = tmp_path / "tiny.npy"
+    np.save(path, np.arange(3, 20, dtype=np.uint16))
+    result = CliRunner().invoke(
+        main, ["convert", str(source_dirs["llama_gqa"]), str(tmp_path / "out"), "--to", "mfa", "--kv-budget", "0.5",
+               "--calib", str(path), "--calib-seq-len", "16"],
+    )
+    assert result.exit_code != 0 and "fewer than 2 sequences" in result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FactorConvError, match="fewer than 2 sequences"):
+        calibration_tokens(str(path), source_dirs["llama_gqa"], 4, 16)
+
+
+def test_plan_from_config_alone(source_dirs, tmp_path):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((source_dirs["llama_gqa"] / "config.json").read_text())
+    result = CliRunner().invoke(main, ["plan", str(folder), "--to", "mfa-kr", "--kv-budget", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert "25.0% of the source" in result.output and "no error is predicted" in result.output
+    assert list(folder.iterdir()) == [folder / "config.json"]
+    result = CliRunner().invoke(main, ["plan", str(source_dirs["llama_gqa"]), "--to", "tpa", "--kv-budget", "0.5",
+                                       "--allocation", "greedy"])
+    assert result.exit_code == 0, result.output
+    assert "err rank_k" in result.output and "50.0% of the source" in result.output
+    result = CliRunner().invoke(main, ["plan", str(source_dirs["llama_gqa"]), "--to", "tpa", "--kv-budget", "0.2"])
+    assert result.exit_code != 0 and "too small for tpa" in result.output
