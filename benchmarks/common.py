@@ -17,11 +17,12 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 
 
 def convert_and_load(source: Path, output: Path, **options) -> tuple[PreTrainedModel, float]:
-    """Convert with the given options; return the loaded fp32 model and the conversion time in seconds."""
+    """Convert with the given options; return the loaded fp32 model (on the conversion device) and seconds taken."""
     start = time.perf_counter()
     folder = convert(ConvertOptions(source=str(source), output=output, overwrite=True, **options), progress=False)
     seconds = time.perf_counter() - start
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), seconds
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model.to(options.get("device", "cpu")), seconds
 
 
 def measure(
@@ -38,11 +39,13 @@ def measure(
     }
 
 
+def machine() -> str:
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
+    return f"{where}, torch {torch.__version__}, factorconv {factorconv.__version__}"
+
+
 def print_table(rows: list[dict], model: Path, data: Path, tokens: int, seq_len: int) -> None:
-    print(
-        f"model: {model.name}, data: {data.name} ({tokens:,} tokens, windows of {seq_len}), fp32, "
-        f"{platform.machine()} CPU, torch {torch.__version__}, factorconv {factorconv.__version__}\n"
-    )
+    print(f"model: {model.name}, data: {data.name} ({tokens:,} tokens, windows of {seq_len}), fp32, {machine()}\n")
     print("| method | KV bytes/token | measured | of source | perplexity | ratio | convert s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     base = rows[0]["kv_bytes"]
