@@ -143,46 +143,36 @@ def _merged_key_and_value(
     return merge, value
 
 
-def convert_mfa_attention(
+def _convert_shared_kv(
     src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
 ) -> LayerResult:
-    """MFA: RoPE-preserving key merge, output-weighted value basis, queries mapped into the merged key."""
+    """MFA: k_proj = merged RoPE key, v_proj = value basis. MFA-KR: c_proj = [merged RoPE key | value basis],
+    queries get zeros on c_nope (the conversion adds no NoPE key part). The output projection reads the
+    value basis; queries are mapped into the merged key space."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    merge, value = _merged_key_and_value(src, config, config.key_dim[layer], config.value_dim[layer], stats)
+    key_reuse = config.attention == "mfa_kr"
+    key_dim = config.rope_dim[layer] if key_reuse else config.key_dim[layer]
+    value_dim = config.nope_dim[layer] if key_reuse else config.value_dim[layer]
+    merge, value = _merged_key_and_value(src, config, key_dim, value_dim, stats)
     q_bias = src.bias("q")
-    queries = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim).flatten(0, 1)
+    queries = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim)  # (h, key_dim, d')
+    if key_reuse:
+        queries = torch.cat([queries, queries.new_zeros(heads, value_dim, queries.shape[2])], dim=1)
     rank = config.query_rank[layer] if config.query_rank else None
-    out = _query_tensors(src.prefix, queries, q_bias is not None, rank)
-    out[f"{src.prefix}k_proj.weight"], out[f"{src.prefix}v_proj.weight"] = merge.weight, value.weight
-    if merge.bias is not None:
-        out[f"{src.prefix}k_proj.bias"], out[f"{src.prefix}v_proj.bias"] = merge.bias, value.bias
-    out.update(_output_projection(src, src.prefix, merged_output_projection(src.weight("o"), value, heads, groups)))
-    return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
-
-
-def convert_mfa_kr_attention(
-    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
-) -> LayerResult:
-    """MFA-KR: c = [merged RoPE key | value basis]; queries read c_rope, the output projection reads c_nope."""
-    heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    merge, value = _merged_key_and_value(src, config, config.rope_dim[layer], config.nope_dim[layer], stats)
-    q_bias = src.bias("q")
-    rope_part = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim)  # (h, d_R, d')
-    nope_part = rope_part.new_zeros(heads, config.nope_dim[layer], rope_part.shape[2])
-    queries = torch.cat([rope_part, nope_part], dim=1).flatten(0, 1)
-    rank = config.query_rank[layer] if config.query_rank else None
-    out = _query_tensors(src.prefix, queries, q_bias is not None, rank)
-    out[f"{src.prefix}c_proj.weight"] = torch.cat([merge.weight, value.weight])
-    if merge.bias is not None:
-        out[f"{src.prefix}c_proj.bias"] = torch.cat([merge.bias, value.bias])
+    out = _query_tensors(src.prefix, queries.flatten(0, 1), q_bias is not None, rank)
+    projections = {"c_proj": (merge, value)} if key_reuse else {"k_proj": (merge,), "v_proj": (value,)}
+    for name, parts in projections.items():
+        out[f"{src.prefix}{name}.weight"] = torch.cat([p.weight for p in parts])
+        if merge.bias is not None:
+            out[f"{src.prefix}{name}.bias"] = torch.cat([p.bias for p in parts])
     out.update(_output_projection(src, src.prefix, merged_output_projection(src.weight("o"), value, heads, groups)))
     return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
 
 
 CONVERTERS: dict[str, Callable[[SourceAttention, int, FactorConvConfig, LayerStatistics | None], LayerResult]] = {
     "tpa": convert_tpa_attention,
-    "mfa": convert_mfa_attention,
-    "mfa_kr": convert_mfa_kr_attention,
+    "mfa": _convert_shared_kv,
+    "mfa_kr": _convert_shared_kv,
 }
 
 

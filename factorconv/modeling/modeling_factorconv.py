@@ -330,6 +330,31 @@ class SharedKVAttention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, self.query_width)).transpose(1, 2)
         return self._rope(q, cos, sin, unsqueeze_dim=1)
 
+    def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's (B, 1, L, width) cache rows: what the subclass stores per token."""
+        raise NotImplementedError
+
+    def _keys_and_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached rows -> the shared key and value heads the queries attend over."""
+        return keys, values
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query = self._queries(hidden_states, cos, sin)
+        keys, values = self._new_entries(hidden_states, cos, sin)
+        if past_key_values is not None:
+            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        out, weights = self._attend(query, *self._keys_and_values(keys, values), attention_mask, **kwargs)
+        return self.o_proj(out.reshape(bsz, q_len, -1)), weights
+
     def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, H, L, d) queries against one (B, 1, T, d) key/value head; returns (B, L, H, d_V)."""
         if query.shape[2] == 1 and not self.training:
@@ -363,23 +388,9 @@ class FactorConvMFAAttention(SharedKVAttention):
         self.v_proj = nn.Linear(hidden, value_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * value_dim, hidden, bias=config.o_bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bsz, q_len, _ = hidden_states.shape
-        cos, sin = position_embeddings
-        query = self._queries(hidden_states, cos, sin)
-        key = self._rope(self.k_proj(hidden_states).unsqueeze(1), cos, sin, unsqueeze_dim=1)
-        value = self.v_proj(hidden_states).unsqueeze(1)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        out, weights = self._attend(query, key, value, attention_mask, **kwargs)
-        return self.o_proj(out.reshape(bsz, q_len, -1)), weights
+    def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._rope(self.k_proj(x).unsqueeze(1), cos, sin, unsqueeze_dim=1)
+        return key, self.v_proj(x).unsqueeze(1)
 
 
 class FactorConvMFAKRAttention(SharedKVAttention):
@@ -395,23 +406,12 @@ class FactorConvMFAKRAttention(SharedKVAttention):
         self.c_proj = nn.Linear(hidden, config.rope_dim[layer_idx] + nope_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * nope_dim, hidden, bias=config.o_bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bsz, q_len, _ = hidden_states.shape
-        cos, sin = position_embeddings
-        query = self._queries(hidden_states, cos, sin)
-        latent = self._rope(self.c_proj(hidden_states).unsqueeze(1), cos, sin, unsqueeze_dim=1)
-        if past_key_values is not None:
-            latent, _ = past_key_values.update(latent, latent[..., :0], self.layer_idx)
-        value = latent[..., self.rotary_width :]
-        out, weights = self._attend(query, latent, value, attention_mask, **kwargs)
-        return self.o_proj(out.reshape(bsz, q_len, -1)), weights
+    def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self._rope(self.c_proj(x).unsqueeze(1), cos, sin, unsqueeze_dim=1)
+        return latent, latent[..., :0]  # c is cached once, as the key; nothing separate for values
+
+    def _keys_and_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return keys, keys[..., self.rotary_width :]
 
 
 ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention, "mfa": FactorConvMFAAttention, "mfa_kr": FactorConvMFAKRAttention}
