@@ -20,6 +20,7 @@ import yaml
 from . import __version__
 from .card import CardResults, source_license, write_model_card
 from .errors import FactorConvError
+from .evaluate.kv_cache import analytic_kv_bytes_per_token
 from .hub import folder_problems, push, require_token
 from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
 
@@ -83,14 +84,15 @@ class RecipePlan:
 
 
 def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
-    """Plan the recipe's conversion against the source config in `folder`, building both models on the meta device.
+    """Plan the recipe's conversion against the source config in `folder`; both models are built on the meta device.
 
-    With a kv_budget the widths come from `factorconv.convert.plan.allocate_widths`: from the weights' spectra
-    when the folder has them (the calibration statistics only enter at conversion), uniformly from a config alone.
+    With a kv_budget this is `factorconv.convert.plan.make_plan` (what `factorconv plan` prints), without the
+    calibration pass: greedy allocation reads the weights' spectra when the folder has weights, and a config alone
+    plans uniformly. Explicit ranks/widths go through `build_target_config`, as `convert` does.
     """
     from transformers import AutoModelForCausalLM
 
-    from .convert.plan import allocate_widths
+    from .convert.plan import make_plan
     from .convert.source import SourceCheckpoint
     from .convert.target import build_target_config, output_dtype
     from .modeling import FactorConvForCausalLM
@@ -98,49 +100,57 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
     options = recipe.convert_options()
     try:
         source = SourceCheckpoint(folder, require_weights=False)
-        plans = allocate_widths(options, source, None, torch.device("cpu")) if options.kv_budget else None
-        config = build_target_config(source, options, plans)
+        dtype = output_dtype(options, source)
+        notes = []
+        if options.kv_budget is not None:
+            greedy = options.allocation == "greedy" and source.has_weights
+            if options.allocation == "greedy" and not source.has_weights:
+                notes.append("greedy allocation reads the weights: the conversion may spread widths unevenly")
+            if options.calib is not None:
+                notes.append("planned without the calibration pass, which only the conversion runs")
+            offline = {"source": str(folder), "revision": None, "calib": None, "device": "cpu"}
+            report = make_plan(options.model_copy(update={**offline, "allocation": "greedy" if greedy else "uniform"}))
+            widths = [dict(layer.widths) for layer in report.layers]
+            kv_source, kv_target = report.source_kv_bytes, report.target_kv_bytes
+            params_source, params_target = report.source_parameters, report.target_parameters
+            allocation = f"kv_budget {options.kv_budget:g}, " + ("greedy over the weights' spectra" if greedy else "uniform")
+        else:
+            config = build_target_config(source, options)
+            names = {"tpa": ("rank_k", "rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}
+            widths = [
+                {n: getattr(config, _CONFIG_NAMES.get(n, n))[i] for n in names[options.to]}
+                for i in range(config.num_hidden_layers)
+            ]
+            with torch.device("meta"):
+                params_source = sum(p.numel() for p in AutoModelForCausalLM.from_config(source.config).parameters())
+                params_target = sum(p.numel() for p in FactorConvForCausalLM(config).parameters())
+            kv_source = analytic_kv_bytes_per_token(source.config, dtype.itemsize)
+            kv_target = analytic_kv_bytes_per_token(config, dtype.itemsize)
+            allocation = None
     except FactorConvError as err:
         raise FactorConvError(flags_to_keys(str(err), convert_key)) from None
-    with torch.device("meta"):
-        source_model = AutoModelForCausalLM.from_config(source.config)
-        target_model = FactorConvForCausalLM(config)
-    dtype = output_dtype(options, source)
-    size = dtype.itemsize
-    fields = _width_fields(config.attention)
-    widths = [{name: getattr(config, name)[i] for name in fields} for i in range(config.num_hidden_layers)]
-    allocation = None
-    notes = []
-    if options.kv_budget is not None:
-        spectra = source.has_weights and options.allocation == "greedy"
-        allocation = f"kv_budget {options.kv_budget:g}, " + (
-            "greedy over the weights' spectra" if spectra else "uniform"
-        )
-        if options.allocation == "greedy" and not source.has_weights:
-            notes.append("greedy allocation needs the weights: the conversion may spread widths unevenly")
+    cfg = source.config
+    heads = cfg.num_attention_heads
     return RecipePlan(
         source=recipe.source.model,
         architecture=source.architecture,
-        layers=config.num_hidden_layers,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        kind=config.attention,
+        layers=cfg.num_hidden_layers,
+        heads=heads,
+        kv_heads=cfg.num_key_value_heads or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        kind=options.to,
         widths=widths,
         dtype=str(dtype).removeprefix("torch."),
-        kv_bytes_source=2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * size,
-        kv_bytes_target=sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * size,
-        parameters_source=sum(p.numel() for p in source_model.parameters()),
-        parameters_target=sum(p.numel() for p in target_model.parameters()),
+        kv_bytes_source=kv_source,
+        kv_bytes_target=kv_target,
+        parameters_source=params_source,
+        parameters_target=params_target,
         allocation=allocation,
         notes=notes,
     )
 
 
-def _width_fields(attention: str) -> tuple[str, ...]:
-    return {"tpa": ("tpa_rank_k", "tpa_rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}[
-        attention
-    ]
+_CONFIG_NAMES = {"rank_k": "tpa_rank_k", "rank_v": "tpa_rank_v"}  # option name -> FactorConvConfig field
 
 
 def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
@@ -339,7 +349,7 @@ def _finetune(options, final: Path, progress: bool, may_resume: bool) -> None:
 
 
 def _eval_stage(recipe: Recipe, records: dict, progress: bool, echo: Callable[[str], None]) -> CardResults:
-    from .convert.pipeline import resolve_device
+    from .convert.device import resolve_device
     from .convert.source import resolve_source
     from .evaluate.report import evaluate, format_table
 
