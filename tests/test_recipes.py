@@ -339,3 +339,21 @@ def test_run_with_finetune(workdir):
     assert result.exit_code == 0, result.output
     for stage in ("convert   reusing", "finetune  reusing", "eval      reusing"):
         assert stage in result.output, result.output
+
+
+def test_run_knows_what_an_interrupted_finetune_leaves():
+    """`run` resumes (never refuses) a fine-tuning output holding only checkpoints and metrics."""
+    from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE
+    from factorconv.run import FINETUNE_WORK_FILES
+
+    assert set(FINETUNE_WORK_FILES) == {CHECKPOINTS, METRICS_FILE}
+
+
+def test_run_resumes_an_interrupted_finetune_folder(workdir):
+    finetune = {"data": "calib.txt", "steps": 1, "seq_len": 32, "batch_size": 2, "eval_tokens": 64}
+    path = write_recipe(workdir, finetune=finetune, calibration=None, eval=None)
+    (workdir / "out" / "tiny").mkdir(parents=True)
+    (workdir / "out" / "tiny" / "finetune_metrics.jsonl").write_text('{"step": 0}\n')  # killed before a checkpoint
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output
+    assert (workdir / "out" / "tiny" / "factorconv_run.json").is_file()
