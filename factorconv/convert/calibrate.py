@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import FactorConvError
-from ..evaluate.data import load_tokens
+from ..evaluate.data import dataset_tokens, load_tokens
 from .source import SourceCheckpoint
 
 
@@ -44,23 +44,10 @@ def calibration_tokens(spec: str, folder: Path, samples: int, seq_len: int) -> t
 def _dataset_tokens(name: str, folder: Path, max_tokens: int) -> torch.Tensor:
     """Tokens of a Hugging Face `datasets` dataset ('name' or 'name:config'), streamed until max_tokens."""
     try:
-        import datasets
-    except ImportError:
-        raise FactorConvError(f"{name} is not a file; to use a datasets name, `pip install datasets`") from None
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    dataset_name, _, config_name = name.partition(":")
-    try:
-        rows = datasets.load_dataset(dataset_name, config_name or None, split="train", streaming=True)
-    except Exception as err:  # datasets raises many types; the user needs the message, not the class
-        raise FactorConvError(f"cannot load dataset {name}: {str(err).splitlines()[0]}") from None
-    ids: list[int] = []
-    for row in rows:
-        text = row.get("text") if isinstance(row, dict) else None
-        if text:
-            ids.extend(tokenizer(text)["input_ids"])
-        if len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return dataset_tokens(name, tokenizer, max_tokens)
 
 
 class MomentAccumulator:

@@ -31,3 +31,27 @@ def load_tokens(path: Path, tokenizer=None, max_tokens: int | None = None) -> to
     if ids.numel() < 2:
         raise FactorConvError(f"{path} holds fewer than 2 tokens; nothing to evaluate")
     return ids
+
+
+def dataset_tokens(name: str, tokenizer, max_tokens: int | None = None, split: str = "train") -> torch.Tensor:
+    """Token ids of a Hugging Face `datasets` dataset ('name' or 'name:config', a 'text' field per row),
+    streamed (nothing beyond what is read is downloaded) until `max_tokens`, or to the end of the split."""
+    try:
+        import datasets
+    except ImportError:
+        raise FactorConvError(f"{name} is not a file; to use a datasets name, `pip install datasets`") from None
+    if tokenizer is None:
+        raise FactorConvError(f"{name} is text but no tokenizer was found next to the model")
+    dataset_name, _, config_name = name.partition(":")
+    try:
+        rows = datasets.load_dataset(dataset_name, config_name or None, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types; the user needs the message, not the class
+        raise FactorConvError(f"cannot load dataset {name}: {str(err).splitlines()[0]}") from None
+    ids: list[int] = []
+    for row in rows:
+        text = row.get("text") if isinstance(row, dict) else None
+        if text:
+            ids.extend(tokenizer(text)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import FactorConvError
-from ..evaluate.data import load_tokens
+from ..evaluate.data import dataset_tokens, load_tokens
 
 SUFFIXES = (".txt", ".jsonl", ".npy")
 
@@ -79,28 +79,18 @@ def fingerprint(sources: list[tuple[str, list[Path]]], tokenizer, extra: str = "
     return digest.hexdigest()[:16]
 
 
-def _load_dataset(name: str, split: str, tokenizer) -> torch.Tensor:
-    import datasets
+def load_stream(
+    sources: list[tuple[str, list[Path]]], tokenizer, split: str = "train", dataset_tokens_cap: int | None = None
+) -> torch.Tensor:
+    """All sources tokenized and concatenated, in order, as one int64 stream.
 
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types; report one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FactorConvError(f"no training data found at {name}: not a file or folder, and datasets says: {first}") from None
-    if "text" not in dataset.column_names:
-        raise FactorConvError(f"dataset {name} has no 'text' column (columns: {', '.join(dataset.column_names)})")
-    if tokenizer is None:
-        raise FactorConvError(f"dataset {name} is text but the model folder has no tokenizer")
-    ids = [i for text in dataset["text"] if text for i in tokenizer(text)["input_ids"]]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def load_stream(sources: list[tuple[str, list[Path]]], tokenizer, split: str = "train") -> torch.Tensor:
-    """All sources tokenized and concatenated, in order, as one int64 stream."""
+    A `datasets` name ('name' or 'name:config') is streamed, up to `dataset_tokens_cap` tokens when given
+    (what the run will train on), so a large corpus is never downloaded in full.
+    """
     parts = []
     for source, files in sources:
         if not files:
-            parts.append(_load_dataset(source, split, tokenizer))
+            parts.append(dataset_tokens(source, tokenizer, dataset_tokens_cap, split))
             continue
         for f in files:
             if f.stat().st_size == 0:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -215,6 +216,8 @@ class _Run:
             raise FactorConvError(
                 f"output folder {out} exists; pass --resume to continue its training or --overwrite to replace it"
             )
+        # A run that fails before its first step removes what it created (not a folder it resumes).
+        self.created = not used or o.overwrite
         self.accelerator.wait_for_everyone()
         if self.main:
             if used and o.overwrite:
@@ -256,19 +259,30 @@ class _Run:
                     f"--seq-len {self.seq_len} exceeds the teacher's context of {teacher_context} tokens"
                 )
 
+    def find_data(self) -> None:
+        o = self.options
+        self.train_sources = data_lib.resolve_sources(o.data)
+        self.eval_sources = data_lib.resolve_sources([o.eval_data]) if o.eval_data else None
+
     def load_data(self) -> None:
         o = self.options
         tokenizer = _tokenizer(self.model_folder, self.teacher_folder)
-        train_sources = data_lib.resolve_sources(o.data)
-        eval_sources = data_lib.resolve_sources([o.eval_data]) if o.eval_data else None
+        train_sources, eval_sources = self.train_sources, self.eval_sources
         cache = self.out / TOKEN_CACHE
+        self.tokens_per_step = o.batch_size * o.grad_accum * self.world * self.seq_len
+        planned = o.tokens or (o.steps * self.tokens_per_step if o.steps else None)
+        train_cap = None  # datasets names stream only what the run needs (files are read whole)
+        if planned is not None:
+            train_cap = math.ceil(planned / (1 - o.eval_fraction)) + (0 if eval_sources else o.eval_tokens) + self.seq_len
+        eval_cap = o.eval_tokens + self.seq_len
 
-        def build(sources):
-            key = data_lib.fingerprint(sources, tokenizer, extra=o.dataset_split)
-            return lambda: data_lib.cached_stream(cache, key, lambda: data_lib.load_stream(sources, tokenizer, o.dataset_split))
+        def build(sources, cap):
+            key = data_lib.fingerprint(sources, tokenizer, extra=f"{o.dataset_split}:{cap}")
+            load = lambda: data_lib.load_stream(sources, tokenizer, o.dataset_split, cap)  # noqa: E731
+            return lambda: data_lib.cached_stream(cache, key, load)
 
-        stream = _on_main_then_all(self.accelerator, build(train_sources))
-        eval_stream = _on_main_then_all(self.accelerator, build(eval_sources)) if eval_sources else None
+        stream = _on_main_then_all(self.accelerator, build(train_sources, train_cap))
+        eval_stream = _on_main_then_all(self.accelerator, build(eval_sources, eval_cap)) if eval_sources else None
         vocab = self.config.vocab_size
         for name, tokens in (("--data", stream), ("--eval-data", eval_stream)):
             if tokens is not None and int(tokens.max()) >= vocab:
@@ -278,7 +292,12 @@ class _Run:
                 )
         self.split = data_lib.split_blocks(stream, self.seq_len, eval_stream, o.eval_fraction, o.eval_tokens)
         self.sampler = data_lib.BlockSampler(self.split.train.shape[0], o.batch_size, o.grad_accum, self.world, o.seed)
-        self.tokens_per_step = o.batch_size * o.grad_accum * self.world * self.seq_len
+        per_step = o.batch_size * o.grad_accum * self.world
+        if self.split.train.shape[0] < per_step:
+            logger.warning(
+                "only %d training blocks for %d per step: blocks repeat within a step; give more data or a smaller "
+                "batch", self.split.train.shape[0], per_step,
+            )
         if o.steps is not None:
             self.total = o.steps
         elif o.tokens is not None:
@@ -286,10 +305,11 @@ class _Run:
         else:
             self.total = self.sampler.steps_per_epoch()
         self.warmup = o.warmup if o.warmup is not None else default_warmup(self.total)
+        names = ", ".join(Path(d).name for d in o.data)
         if self.split.held_out:
-            self.eval_description = f"{self.split.eval.shape[0]} held-out blocks of the training data"
+            self.eval_description = f"{names} (last {self.split.eval.shape[0]} blocks, held out)"
         else:
-            self.eval_description = f"{Path(o.eval_data).name}"
+            self.eval_description = Path(o.eval_data).name
         self.eval_tokens = int(self.split.eval.numel())
 
     def build_models(self) -> None:
@@ -306,9 +326,14 @@ class _Run:
         student.config.use_cache = False
         modules = trainable_modules(student, o.trainable)
         if o.grad_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.23
+                student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if o.lora_r is not None:
-            student = wrap_lora(student, o, modules)
+            with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                student = wrap_lora(student, o, modules)
             self.lora_scaling = (o.lora_alpha or 2 * o.lora_r) / o.lora_r
         else:
             select_trainable(student, modules)
@@ -525,12 +550,17 @@ class _Run:
     # -- the whole run ------------------------------------------------------------------------------------------
 
     def execute(self) -> Path:
-        o = self.options
         self.resolve_models()
+        self.find_data()
         self.check_output()
-        self.load_data()
-        self.build_models()
-        start = self.maybe_resume()
+        try:
+            self.load_data()
+            self.build_models()
+            start = self.maybe_resume()
+        except FactorConvError:
+            if self.created and self.main:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         if self.main:
             self.describe(start)
         if start == 0:
@@ -542,7 +572,9 @@ class _Run:
             if "teacher_ppl" in self.before:
                 record["teacher_eval_ppl"] = self.before["teacher_ppl"]
             self._append_metrics(record)
-        with _StopRequest() as self.stop:
+        with _StopRequest() as self.stop, warnings.catch_warnings():
+            # DDP notes that einsum gives small factor gradients another stride than its bucket: harmless.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.train(start)
         checksums = self.replica_checksums()
         state = self.accelerator.get_state_dict(self.student)

@@ -31,19 +31,26 @@ def distillation_loss(
     student = student_logits.float().reshape(-1, vocab)
     loss = student.new_zeros(())
     kl = student.new_zeros(())
+    log_q = None
     if kl_weight > 0:
         if teacher_logits is None:
             raise ValueError("the KL term needs teacher logits")
-        log_q = F.log_softmax(student / temperature, dim=-1)
-        log_p = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+        log_q = F.log_softmax(student / temperature if temperature != 1 else student, dim=-1)
+        teacher = teacher_logits.float().reshape(-1, vocab)
+        log_p = F.log_softmax(teacher / temperature if temperature != 1 else teacher, dim=-1)
+        del teacher
         kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2
         loss = loss + kl_weight * kl
-    shifted = student_logits[:, :-1].float().reshape(-1, vocab)
+    # Next-token CE from the T = 1 log-probabilities (reused from the KL term when T = 1: large vocabularies
+    # make every extra (tokens × vocab) fp32 copy count).
+    batch, length = input_ids.shape
     labels = input_ids[:, 1:].reshape(-1)
+    with torch.set_grad_enabled(ce_weight > 0 and torch.is_grad_enabled()):
+        log_probs = log_q if log_q is not None and temperature == 1 else F.log_softmax(student, dim=-1)
+        if ce_weight == 0:
+            log_probs = log_probs.detach()
+        shifted = log_probs.view(batch, length, vocab)[:, :-1].reshape(-1, vocab)
+        ce = F.nll_loss(shifted, labels)
     if ce_weight > 0:
-        ce = F.cross_entropy(shifted, labels)
         loss = loss + ce_weight * ce
-    else:
-        with torch.no_grad():
-            ce = F.cross_entropy(shifted, labels)
     return LossParts(loss=loss, kl=kl.detach(), ce=ce.detach())

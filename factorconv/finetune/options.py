@@ -37,7 +37,7 @@ class FinetuneOptions(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="blocks per micro-batch on each process")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
 
-    lr: float = Field(default=1e-3, gt=0, description="peak learning rate (AdamW)")
+    lr: float = Field(default=1e-4, gt=0, description="peak learning rate (AdamW; small models heal faster with more)")
     warmup: int | None = Field(default=None, ge=0, description="linear warmup steps (default: 5% of the steps)")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine decays to lr × this at the last step")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (matrices only)")

@@ -1,6 +1,7 @@
 """Write the healed model like a conversion output: sharded safetensors under the input's tensor names and
 dtype, its config, the modeling and tokenizer files (convert's own helpers), the recipe with a `finetune`
-section, the report and model card with the healing results. Staged in a hidden folder, then moved in."""
+section, the report with a `finetune` record and the model card (factorconv.card) with the results.
+Staged in a hidden folder of OUTPUT, then moved in."""
 
 import json
 import re
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
+from ..card import CARD_FILE, CardResults, model_card, source_license
 from ..convert.artifacts import RECIPE_FILE, REPORT_FILE, copy_modeling_files, copy_tokenizer_files
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
+from ..modeling import FactorConvConfig
 from .trainable import merge_lora_state_dict
 
 SUMMARY_FILE = "finetune_summary.json"
@@ -69,61 +71,23 @@ def summary_line(folder: Path) -> str:
     )
 
 
-def _changed_options(options: dict) -> dict:
-    """The options a reader needs to repeat the run: what differs from the defaults, less run control."""
-    from .options import FinetuneOptions
-
-    shown = FinetuneOptions(**options).model_dump(mode="json", exclude_defaults=True)
-    return {k: v for k, v in shown.items() if k not in ("resume", "overwrite", "output")}
-
-
-def healing_section(summary: dict) -> str:
-    o, ev = summary["options"], summary["eval"]
-    what = o["trainable"] + (f" + LoRA r={o['lora_r']} on {', '.join(o['lora_targets'])}, merged" if o["lora_r"] else "")
-    objective = f"KL(teacher ‖ student) at temperature {o['temperature']:g}" if o["kl_weight"] > 0 else ""
-    if o["ce_weight"] > 0:
-        objective += (" + " if objective else "") + f"{o['ce_weight']:g} × next-token cross-entropy"
-    rows = [("converted, before healing", ev["before_ppl"]), ("healed", ev["after_ppl"])]
-    if ev.get("teacher_ppl") is not None:
-        rows.insert(0, (f"teacher `{summary['teacher']}`", ev["teacher_ppl"]))
-    table = "\n".join(f"| {name} | {ppl:.4f} |" for name, ppl in rows)
-    teacher = f" from `{summary['teacher']}`" if summary.get("teacher") else ""
-    return f"""
-## Healing
-
-Fine-tuned{teacher} with `factorconv finetune`: {objective}; {summary['steps']:,} steps,
-{summary['tokens']:,} tokens trained ({summary['tokens_per_step']:,} per step, blocks of {summary['seq_len']}),
-learning rate {o['lr']:g}, trainable: {what} ({summary['trainable_parameters']:,} of
-{summary['parameters']:,} parameters).
-
-| perplexity on {ev['data']} ({ev['tokens']:,} tokens) | |
-|---|---:|
-{table}
-
-```yaml
-{yaml.safe_dump({"finetune": _changed_options(o)}, sort_keys=False).strip()}
-```
-"""
-
-
-def healed_card(model_folder: Path, name: str, summary: dict) -> ModelCard:
-    """The input's model card (title renamed, healing section added before its recipe), or a new one."""
-    section = healing_section(summary)
-    readme = model_folder / "README.md"
-    if readme.is_file():
-        card = ModelCard.load(readme)
-        data, body = card.data, card.text
-    else:
-        data, body = ModelCardData(library_name="transformers", pipeline_tag="text-generation"), f"\n# {name}\n"
-    tags = list(data.tags or [])
-    data.tags = tags + [t for t in ("factorconv", "distillation") if t not in tags]
-    body = re.sub(r"^# .*$", f"# {name}", body, count=1, flags=re.MULTILINE)
-    if "\n## Recipe" in body:
-        head, tail = body.split("\n## Recipe", 1)
-        body = head.rstrip() + "\n" + section + "\n## Recipe" + tail
-    else:
-        body = body.rstrip() + "\n" + section
-    return ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
+def _card(folder: Path, name: str, model_folder: Path, recipe: dict, report: dict, summary: dict) -> None:
+    """The conversion's model card, rebuilt with the fine-tuning results (the shared card machinery)."""
+    ev = summary["eval"]
+    config = FactorConvConfig.from_pretrained(folder)
+    results = CardResults(
+        eval_data=ev["data"],
+        eval_tokens=ev["tokens"],
+        perplexity_source=ev.get("teacher_ppl") if summary.get("teacher") == config.source_model else None,
+        perplexity_converted=ev["before_ppl"],
+        perplexity_finetuned=ev["after_ppl"],
+        finetune_tokens=summary["tokens"],
+    )
+    recipe_text = yaml.safe_dump(recipe, sort_keys=False) if recipe else None
+    card = model_card(
+        config, report, name=name, recipe=recipe_text, license=source_license(model_folder), results=results
+    )
+    card.save(folder / CARD_FILE)
 
 
 def save_adapter(run, raw_state: dict, folder: Path) -> None:
@@ -162,7 +126,8 @@ def write_outputs(run, state: dict[str, torch.Tensor], summary: dict) -> None:
         report["finetune"] = {k: v for k, v in summary.items() if k != "options"}
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        healed_card(model_folder, out.name, summary).save(staging / "README.md")
+        if getattr(run.config, "model_type", None) == "factorconv":
+            _card(staging, out.name, model_folder, recipe, report, summary)
         if options.save_adapter:
             save_adapter(run, raw, staging / ADAPTER_DIR)
         for stale in list(out.glob("model*.safetensors")) + list(out.glob(INDEX_FILE)):
