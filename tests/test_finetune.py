@@ -183,6 +183,35 @@ def test_resume_equals_an_uninterrupted_run(tpa, tokens_file, tmp_path, monkeypa
     assert [p.name for p in (straight / CHECKPOINTS).iterdir()] == ["step-00000005", "step-00000010"]
 
 
+def test_checkpoint_from_more_processes_resumes_with_more_accumulation(tpa, tokens_file, tmp_path, monkeypatch):
+    """A checkpoint written by 2 processes × 1 micro-batch goes on in 1 process × 2 (same global batch and
+    block order); any other split is refused with a clear message."""
+    common = dict(steps=6, save_every=3, batch_size=2)
+    original = _Run.train_step
+
+    def interrupted(self, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, step)
+
+    monkeypatch.setattr(_Run, "train_step", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="--resume"):
+        finetune(options(tpa, out, tokens_file, grad_accum=2, **common), progress=False)
+    monkeypatch.setattr(_Run, "train_step", original)
+    # Make the checkpoint look as if two processes wrote it, each with one micro-batch per step.
+    state_file = next((out / CHECKPOINTS).iterdir()) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["world_size"], state["options"]["grad_accum"] = 2, 1
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Exception, match="keep processes × --grad-accum the same"):
+        finetune(options(tpa, out, tokens_file, resume=True, grad_accum=1, **common), progress=False)
+    finetune(options(tpa, out, tokens_file, resume=True, grad_accum=2, **common), progress=False)
+    straight = finetune(options(tpa, tmp_path / "straight", tokens_file, grad_accum=2, **common), progress=False)
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_grad_checkpointing_and_accumulation_do_not_change_the_result(tpa, tokens_file, tmp_path):
     """2 micro-batches of 2 blocks == 1 of 4 (same blocks per step); checkpointing changes memory, not math."""
     one = finetune(options(tpa, tmp_path / "a", tokens_file, steps=3, batch_size=4), progress=False)

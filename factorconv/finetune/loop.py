@@ -76,7 +76,14 @@ def _accelerator(options: FinetuneOptions):
             precision = "bf16"
         else:
             precision = "no"
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:  # each would train alone, and all write OUTPUT
+        raise FactorConvError(
+            f"launched as {launched} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}); check the accelerate config / --device"
+        )
+    return accelerator
 
 
 def _resolve_model(name: str, revision: str | None, what: str) -> Path:
@@ -452,16 +459,22 @@ class _Run:
             return 0
         latest = found[-1]
         state = json.loads((latest / STATE_FILE).read_text())
-        changed = _changed(state["options"], _options_dump(self.options))
+        saved, now = state["options"], _options_dump(self.options)
+        # Another split of the same global batch (processes × accumulation) reads the same blocks in the
+        # same order (BlockSampler), so a checkpoint from N GPUs can go on with N× the accumulation on one.
+        global_then = saved["batch_size"] * saved["grad_accum"] * state["world_size"]
+        if global_then == self.tokens_per_step // self.seq_len and saved["batch_size"] == now["batch_size"]:
+            saved = {**saved, "grad_accum": now["grad_accum"]}
+        changed = _changed(saved, now)
         if changed:
             raise FactorConvError(
                 f"cannot resume {self.out}: it was started with other options ({'; '.join(changed)}); "
                 "use the same options or --overwrite"
             )
-        if state["world_size"] != self.world:
+        if global_then != self.tokens_per_step // self.seq_len:
             raise FactorConvError(
-                f"cannot resume {self.out}: it was trained on {state['world_size']} processes, this run has "
-                f"{self.world}; resume with the same number"
+                f"cannot resume {self.out}: it was trained on {state['world_size']} processes × "
+                f"{saved['grad_accum']} accumulation; keep processes × --grad-accum the same"
             )
         self.accelerator.load_state(str(latest), strict=False)
         self.before = state["before"]
