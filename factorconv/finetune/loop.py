@@ -507,6 +507,8 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, o, self.total, self.warmup)
         grad_norm = acc.clip_grad_norm_(self.params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         stop = 1.0 if self.stop.signal is not None else 0.0
