@@ -85,12 +85,14 @@ def main() -> None:
         rows.append(measure(f"TPA R_K=R_V={args.rank}, healed", model, tokens, args.seq_len, base, seconds))
         summary = json.loads((healed / "finetune_summary.json").read_text())
 
+    threads = torch.get_num_threads()
     print(
         f"model: {args.model.name}, eval: {args.valid.name} ({tokens.numel():,} tokens, windows of {args.seq_len}), "
         f"healing: {summary['steps']} steps, {summary['tokens']:,} tokens of {args.train.name}, "
         f"trainable {args.trainable} ({summary['trainable_parameters']:,} of {summary['parameters']:,} parameters), "
         f"lr {args.lr:g}, {summary['tokens_per_s']:,.0f} tokens/s; fp32, {platform.machine()} CPU "
-        f"({torch.get_num_threads()} threads), torch {torch.__version__}, factorconv {factorconv.__version__}\n"
+        f"({threads} thread{'s' if threads != 1 else ''}), torch {torch.__version__}, "
+        f"factorconv {factorconv.__version__}\n"
     )
     print("| model | KV bytes/token | of source | perplexity | ratio | seconds |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -180,7 +180,9 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @main.command(name="finetune")
 @click.argument("model")
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--data", multiple=True, required=True, help=".txt/.jsonl/.npy file, folder of them, or a datasets name (repeatable).")
+@click.option(
+    "--data", multiple=True, required=True, help=".txt/.jsonl/.npy file, folder of them, or a datasets name (repeatable)."
+)
 @click.option("--teacher", help="Teacher model (default: the source recorded in MODEL's config).")
 @click.option("--tokens", help="Train on this many tokens, e.g. 50M (rounded up to whole steps).")
 @click.option("--steps", type=int, help="Optimizer steps (default: one pass over the data).")
@@ -192,7 +194,9 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--min-lr-ratio", type=float, help="Cosine floor as a fraction of --lr.  [default: 0.1]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm (0: none).  [default: 1.0]")
-@click.option("--trainable", type=click.Choice(["attention", "attention+norms", "all"]), help="What trains.  [default: attention]")
+@click.option(
+    "--trainable", type=click.Choice(["attention", "attention+norms", "all"]), help="What trains.  [default: attention]"
+)
 @click.option("--lora-r", type=int, help="Also train LoRA adapters of this rank on the layers outside --trainable.")
 @click.option("--lora-alpha", type=float, help="LoRA alpha (default: 2 × rank).")
 @click.option("--lora-targets", help="Comma-separated layer names for LoRA.  [default: gate_proj,up_proj,down_proj]")
@@ -202,7 +206,9 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--temperature", type=float, help="Distillation temperature.  [default: 1]")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), help="Training weights.  [default: float32]")
-@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), help="[default: auto: bf16 on GPU, no on CPU]")
+@click.option(
+    "--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), help="[default: auto: bf16 on GPU, no on CPU]"
+)
 @click.option("--device", help="auto, cpu, cuda or mps.  [default: auto]")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (and at the end) for --resume.")
 @click.option("--keep-checkpoints", type=int, help="Keep the newest N checkpoints.  [default: 2]")

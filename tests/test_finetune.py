@@ -399,7 +399,9 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp
     assert not set(blocks[0]) & set(blocks[1]) and len(set(blocks[0] + blocks[1])) == 16
 
     # Synchronised gradients: the same as one process accumulating the two ranks' micro-batches.
-    single = finetune(options(tpa, tmp_path / "single", tokens_file, steps=4, batch_size=2, grad_accum=2), progress=False)
+    single = finetune(
+        options(tpa, tmp_path / "single", tokens_file, steps=4, batch_size=2, grad_accum=2), progress=False
+    )
     a, b = weights(out), weights(single)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)

@@ -33,7 +33,7 @@ def find_files(source: str) -> list[Path]:
         files = [
             p
             for p in sorted(path.rglob("*"))
-            if p.is_file() and p.suffix in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if p.is_file() and p.suffix in SUFFIXES and not any(s.startswith(".") for s in p.relative_to(path).parts)
         ]
         if not files:
             raise FactorConvError(f"no training data found in {path}: no .txt, .jsonl or .npy files")
@@ -96,7 +96,7 @@ def load_stream(
             if f.stat().st_size == 0:
                 continue
             if f.suffix != ".npy" and tokenizer is None:
-                raise FactorConvError(f"{f} is text but the model folder has no tokenizer; pass pre-tokenized .npy data")
+                raise FactorConvError(f"{f} is text but the model folder has no tokenizer; pass pre-tokenized .npy")
             try:
                 parts.append(load_tokens(f, tokenizer))
             except FactorConvError as err:

@@ -217,7 +217,7 @@ class _Run:
         for folder in inputs:
             here, there = out.resolve(), folder.resolve()
             if here == there or here in there.parents:
-                raise FactorConvError(f"output {out} would overwrite the input model {folder}; pass another output path")
+                raise FactorConvError(f"output {out} would overwrite the input model {folder}; pass another output")
         used = out.is_dir() and any(out.iterdir())
         if used and not (o.resume or o.overwrite):
             raise FactorConvError(
@@ -248,7 +248,8 @@ class _Run:
                     self.accelerator, lambda: _resolve_model(self.teacher_name, revision, "teacher")
                 )
             except FactorConvError as err:
-                raise FactorConvError(f"teacher {self.teacher_name}{recorded} not usable: {err}; pass --teacher") from None
+                message = f"teacher {self.teacher_name}{recorded} not usable: {err}; pass --teacher"
+                raise FactorConvError(message) from None
             teacher_config = _config(self.teacher_folder, "teacher")
             if teacher_config.vocab_size != self.config.vocab_size:
                 raise FactorConvError(
@@ -280,13 +281,15 @@ class _Run:
         planned = o.tokens or (o.steps * self.tokens_per_step if o.steps else None)
         train_cap = None  # datasets names stream only what the run needs (files are read whole)
         if planned is not None:
-            train_cap = math.ceil(planned / (1 - o.eval_fraction)) + (0 if eval_sources else o.eval_tokens) + self.seq_len
+            held_out = 0 if eval_sources else o.eval_tokens
+            train_cap = math.ceil(planned / (1 - o.eval_fraction)) + held_out + self.seq_len
         eval_cap = o.eval_tokens + self.seq_len
 
         def build(sources, cap):
             key = data_lib.fingerprint(sources, tokenizer, extra=f"{o.dataset_split}:{cap}")
-            load = lambda: data_lib.load_stream(sources, tokenizer, o.dataset_split, cap)  # noqa: E731
-            return lambda: data_lib.cached_stream(cache, key, load)
+            return lambda: data_lib.cached_stream(
+                cache, key, lambda: data_lib.load_stream(sources, tokenizer, o.dataset_split, cap)
+            )
 
         stream = _on_main_then_all(self.accelerator, build(train_sources, train_cap))
         eval_stream = _on_main_then_all(self.accelerator, build(eval_sources, eval_cap)) if eval_sources else None
@@ -512,7 +515,8 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         stop = 1.0 if self.stop.signal is not None else 0.0
-        stats = torch.cat([sums / o.grad_accum, grad_norm.detach().float().reshape(1), torch.tensor([stop], device=acc.device)])
+        flag = torch.tensor([stop], device=acc.device)
+        stats = torch.cat([sums / o.grad_accum, grad_norm.detach().float().reshape(1), flag])
         stats = acc.reduce(stats.float(), reduction="sum")
         return (stats / self.world).tolist()[:4] + [float(stats[4])]
 

@@ -118,7 +118,7 @@ class FinetuneOptions(BaseModel):
     def _known_device(cls, value: str) -> str:
         if value not in ("auto", "cpu", "cuda", "mps"):
             if value.startswith("cuda:"):
-                raise ValueError(f"pick a GPU with CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES={value[5:]}), not {value}")
+                raise ValueError(f"pick a GPU with CUDA_VISIBLE_DEVICES={value[5:]}, not --device {value}")
             raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or mps")
         return value
 
