@@ -257,6 +257,18 @@ def test_distillation_loss_is_kl_teacher_to_student_plus_ce(temperature):
     assert distillation_loss(teacher, teacher, ids).kl.abs() < 1e-6  # zero when the student is the teacher
 
 
+def test_options_parse_token_counts_and_reject_conflicts():
+    from pydantic import ValidationError
+
+    o = FinetuneOptions(model="m", output="o", data="corpus/", tokens="50M", lora_targets="up_proj, down_proj")
+    assert o.tokens == 50_000_000 and o.data == ["corpus/"] and o.lora_targets == ["up_proj", "down_proj"]
+    assert FinetuneOptions(model="m", output="o", data=["d"], tokens="1.5k").tokens == 1500
+    for bad in ({"tokens": "lots"}, {"resume": True, "overwrite": True}, {"save_adapter": True},
+                {"kl_weight": 0}, {"device": "cuda:1"}, {"epochs": 2}):
+        with pytest.raises(ValidationError):
+            FinetuneOptions(model="m", output="o", data=["d"], **bad)
+
+
 def test_schedule_warmup_then_cosine():
     o = FinetuneOptions(model="m", output="o", data=["d"], lr=1.0, min_lr_ratio=0.1)
     lrs = [lr_at(s, o, total=20, warmup=4) for s in range(20)]

@@ -456,6 +456,8 @@ class _Run:
         self.before: dict = {}
         found = _checkpoints(self.out) if self.options.resume else []
         if not found:
+            if self.options.resume and self.main:
+                logger.warning("no checkpoint in %s to resume from: training starts at step 0", self.out)
             if self.main:
                 self._metrics_path().unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
