@@ -14,6 +14,29 @@ from factorconv.evaluate.perplexity import perplexity
 from factorconv.recipe import ConvertOptions
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+LLAMA_3_2_1B = dict(  # the public config's shapes; weights are random in every benchmark
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
 
 
 def convert_and_load(source: Path, output: Path, **options) -> tuple[PreTrainedModel, float]:

@@ -17,31 +17,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from common import LLAMA_3_2_1B
 from factorconv.convert import convert
 from factorconv.evaluate.kv_cache import cache_bytes
 from factorconv.recipe import ConvertOptions
-
-LLAMA_32_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
-
 
 @torch.no_grad()
 def run(model, batch: int, prompt: int, new: int) -> dict:
@@ -79,7 +58,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = LlamaConfig(**LLAMA_32_1B)
+    cfg = LlamaConfig(**LLAMA_3_2_1B)
     width = int(args.budget * cfg.num_key_value_heads * cfg.head_dim)
     targets = {
         "source (GQA 32/8)": None,

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from finetune_throughput import LLAMA_3_2_1B, build_source
+from common import LLAMA_3_2_1B
+from finetune_throughput import build_source
 from factorconv.convert import convert
 from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE
 from factorconv.recipe import ConvertOptions

@@ -159,6 +159,15 @@ def eager_attention(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def registry_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention function the config selects (sdpa, eager, ...) with the module's scale and dropout."""
+    attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention)
+    dropout = module.attention_dropout if module.training else 0.0
+    return attention_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
+
+
 def _masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Apply a transformers mask (bool: True attends, float: additive, None: causal) to (B, H, L, T) scores."""
     q_len, kv_len = scores.shape[-2:]
@@ -270,19 +279,7 @@ class FactorConvTPAAttention(nn.Module):
             out = self.factor_attention(query, key_factors, value_factors, attention_mask)
         else:
             keys, values = self.k_product.mix(*key_factors), self.v_product.mix(*value_factors)
-            attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention
-            )
-            out, weights = attention_fn(
-                self,
-                query,
-                keys,
-                values,
-                attention_mask,
-                dropout=self.attention_dropout if self.training else 0.0,
-                scaling=self.scaling,
-                **kwargs,
-            )
+            out, weights = registry_attention(self, query, keys, values, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
 
@@ -365,17 +362,7 @@ class SharedKVAttention(nn.Module):
                 query.transpose(1, 2), key, value, attn_mask=mask, scale=self.scaling
             )
             return out, None
-        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        return attention_fn(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        return registry_attention(self, query, key, value, attention_mask, **kwargs)
 
 
 class FactorConvMFAAttention(SharedKVAttention):
