@@ -5,7 +5,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import FactorConvError
