@@ -63,15 +63,18 @@ def evaluate(
     compare: str | None = None,
     seq_len: int | None = None,
     max_tokens: int | None = None,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     dtype: str = "float32",
     progress: bool = True,
 ) -> list[EvalRow]:
-    """Evaluate `model_path` (and `compare`, usually the source) on the same tokens."""
-    folders = [resolve_source(model_path)] + ([resolve_source(compare)] if compare else [])
-    tokens = load_tokens(data, _tokenizer(*folders), max_tokens)
+    """Evaluate `compare` (usually the source) and `model_path` on the same tokens, in that order."""
+    device = device or torch.device("cpu")
+    runs = ([("source", compare)] if compare else []) + [("model", model_path)]
+    folders = {name: resolve_source(name) for _, name in runs}
+    tokens = load_tokens(data, _tokenizer(folders[model_path], *([folders[compare]] if compare else [])), max_tokens)
     rows = []
-    for label, folder in zip(["model", "source"], folders):
+    for label, name in runs:
+        folder = folders[name]
         model = load_model(folder, device, DTYPES[dtype])
         if int(tokens.max()) >= model.config.vocab_size:
             raise FactorConvError(
@@ -83,9 +86,9 @@ def evaluate(
             raise FactorConvError(
                 f"--seq-len {length} exceeds the model's context of {model.config.max_position_embeddings} tokens"
             )
-        rows.append(evaluate_row(f"{label}: {Path(model_path if label == 'model' else compare).name}", model, tokens, length, progress))
+        rows.append(evaluate_row(f"{label}: {Path(name).name}", model, tokens, length, progress))
         del model
-    return rows[::-1]  # source first, as in "before -> after"
+    return rows
 
 
 def format_table(rows: list[EvalRow]) -> str:
