@@ -11,10 +11,6 @@ from . import __version__
 from .errors import FactorConvError
 
 
-def _fail(message: str) -> None:
-    raise click.ClickException(message)
-
-
 def _options_error(err: ValidationError) -> str:
     first = err.errors()[0]
     message = first["msg"].removeprefix("Value error, ")
@@ -22,7 +18,19 @@ def _options_error(err: ValidationError) -> str:
     return f"invalid {where}: {message}" if where else message
 
 
-@click.group()
+class _Commands(click.Group):
+    """Turns a command's FactorConvError or invalid options into one `Error: ...` line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FactorConvError as err:
+            raise click.ClickException(str(err)) from None
+        except ValidationError as err:
+            raise click.ClickException(_options_error(err)) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(version=__version__, prog_name="factorconv")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
@@ -71,14 +79,8 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
     from .convert import convert as run_convert
     from .recipe import ConvertOptions
 
-    try:
-        options = ConvertOptions(source=source, output=output, to=target, **kwargs)
-    except ValidationError as err:
-        _fail(_options_error(err))
-    try:
-        folder = run_convert(options, progress=ctx.obj["progress"])
-    except FactorConvError as err:
-        _fail(str(err))
+    options = ConvertOptions(source=source, output=output, to=target, **kwargs)
+    folder = run_convert(options, progress=ctx.obj["progress"])
     click.echo(f"wrote {folder}")
 
 
@@ -101,14 +103,8 @@ def plan(source: str, target: str, **kwargs) -> None:
     from .convert.plan import format_plan, make_plan
     from .recipe import ConvertOptions
 
-    try:
-        options = ConvertOptions(source=source, output=Path("-"), to=target, **kwargs)
-    except ValidationError as err:
-        _fail(_options_error(err))
-    try:
-        click.echo(format_plan(make_plan(options)))
-    except FactorConvError as err:
-        _fail(str(err))
+    options = ConvertOptions(source=source, output=Path("-"), to=target, **kwargs)
+    click.echo(format_plan(make_plan(options)))
 
 
 @main.command(name="eval")
@@ -125,10 +121,7 @@ def eval_command(ctx: click.Context, model: str, data: Path, compare: str | None
     from .convert.device import resolve_device
     from .evaluate.report import evaluate, format_table
 
-    try:
-        rows = evaluate(model, data, compare, device=resolve_device(device), progress=ctx.obj["progress"], **kwargs)
-    except FactorConvError as err:
-        _fail(str(err))
+    rows = evaluate(model, data, compare, device=resolve_device(device), progress=ctx.obj["progress"], **kwargs)
     click.echo(format_table(rows))
 
 
@@ -140,10 +133,7 @@ def run_command(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) ->
     """Run RECIPE: convert -> finetune -> eval -> push (stages without a section are skipped; done ones reused)."""
     from .run import run_recipe
 
-    try:
-        folder = run_recipe(recipe, overrides, progress=ctx.obj["progress"], echo=click.echo)
-    except FactorConvError as err:
-        _fail(str(err))
+    folder = run_recipe(recipe, overrides, progress=ctx.obj["progress"], echo=click.echo)
     click.echo(f"done: {folder}")
 
 
@@ -154,10 +144,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check RECIPE and plan it against the source's config when reachable; writes nothing."""
     from .run import validate_recipe
 
-    try:
-        click.echo(validate_recipe(recipe, overrides))
-    except FactorConvError as err:
-        _fail(str(err))
+    click.echo(validate_recipe(recipe, overrides))
 
 
 @main.command(name="push")
@@ -170,10 +157,7 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
     """Upload a complete output FOLDER to the Hub as REPO_ID (token from HF_TOKEN or `hf auth login`)."""
     from .hub import push
 
-    try:
-        url = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
-    except FactorConvError as err:
-        _fail(str(err))
+    url = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
     click.echo(f"pushed {folder} to {url}")
 
 
@@ -235,13 +219,7 @@ def finetune_command(ctx: click.Context, model: str, output: Path, data: tuple[s
     from .finetune.output import summary_line
 
     given = {k: v for k, v in kwargs.items() if v is not None and v is not False}
-    try:
-        options = FinetuneOptions(model=model, output=output, data=list(data), **given)
-    except ValidationError as err:
-        _fail(_options_error(err))
-    try:
-        folder = finetune(options, progress=ctx.obj["progress"])
-    except FactorConvError as err:
-        _fail(str(err))
+    options = FinetuneOptions(model=model, output=output, data=list(data), **given)
+    folder = finetune(options, progress=ctx.obj["progress"])
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(summary_line(folder))
