@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..factorize.common import cholesky_whitening, input_moment
+from ..factorize.common import cholesky_whitening, input_moment, split_bias_column
+from ..factorize.key_reuse import key_reuse_init, phase_average
 from ..factorize.mfa import (
-    KeyMerge,
-    ValueBasis,
     low_rank_queries,
     merge_queries,
     merged_output_projection,
@@ -20,6 +19,9 @@ from ..factorize.mfa import (
 )
 from ..factorize.tpa import TensorProductInit, relative_error, tensor_product_init
 from ..modeling import FactorConvConfig
+from ..modeling.modeling_factorconv import FactorConvRotaryEmbedding
+from .calibrate import LayerActivations
+from .refine import selection_error
 
 ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.[qkvo]_proj\.(weight|bias)$")
 
@@ -42,6 +44,7 @@ class LayerStatistics:
 
     moment: torch.Tensor  # Σ = E[x̃x̃ᵀ], x̃ = [x; 1]
     query_aware: bool = False  # weight key directions by how strongly queries read them
+    activations: LayerActivations | None = None  # to choose between closed forms by measured output error
 
 
 @dataclass
@@ -127,10 +130,11 @@ def _query_tensors(prefix: str, rows: torch.Tensor, has_bias: bool, rank: int | 
     return tensors
 
 
-def _merged_key_and_value(
-    src: SourceAttention, config: FactorConvConfig, key_dim: int, value_dim: int, stats: LayerStatistics | None
-) -> tuple[KeyMerge, ValueBasis]:
-    """RoPE-preserving key merge and output-weighted value basis, under the input statistics when given."""
+def convert_mfa_attention(
+    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
+) -> LayerResult:
+    """MFA: k_proj = RoPE-preserving key merge, v_proj = output-weighted value basis (under the input
+    statistics when given); queries are mapped into the merged key space, o_proj reads the value basis."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     k_weight, k_bias = src.weight("k"), src.bias("k")
     moment = stats.moment if stats is not None else None
@@ -138,41 +142,64 @@ def _merged_key_and_value(
     if stats is not None and stats.query_aware:
         energy = query_pair_energy(src.weight("q"), src.bias("q"), heads, groups, head_dim, moment)
     moments = pair_moments(k_weight, k_bias, groups, head_dim, moment)
-    merge = rope_key_merge(k_weight, k_bias, groups, head_dim, key_dim, moments, energy)
-    value = output_weighted_value_basis(src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, value_dim, moment)
-    return merge, value
-
-
-def _convert_shared_kv(
-    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
-) -> LayerResult:
-    """MFA: k_proj = merged RoPE key, v_proj = value basis. MFA-KR: c_proj = [merged RoPE key | value basis],
-    queries get zeros on c_nope (the conversion adds no NoPE key part). The output projection reads the
-    value basis; queries are mapped into the merged key space."""
-    heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    key_reuse = config.attention == "mfa_kr"
-    key_dim = config.rope_dim[layer] if key_reuse else config.key_dim[layer]
-    value_dim = config.nope_dim[layer] if key_reuse else config.value_dim[layer]
-    merge, value = _merged_key_and_value(src, config, key_dim, value_dim, stats)
+    merge = rope_key_merge(k_weight, k_bias, groups, head_dim, config.key_dim[layer], moments, energy)
+    value = output_weighted_value_basis(
+        src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, config.value_dim[layer], moment
+    )
     q_bias = src.bias("q")
     queries = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim)  # (h, key_dim, d')
-    if key_reuse:
-        queries = torch.cat([queries, queries.new_zeros(heads, value_dim, queries.shape[2])], dim=1)
-    rank = config.query_rank[layer] if config.query_rank else None
-    out = _query_tensors(src.prefix, queries.flatten(0, 1), q_bias is not None, rank)
-    projections = {"c_proj": (merge, value)} if key_reuse else {"k_proj": (merge,), "v_proj": (value,)}
-    for name, parts in projections.items():
-        out[f"{src.prefix}{name}.weight"] = torch.cat([p.weight for p in parts])
-        if merge.bias is not None:
-            out[f"{src.prefix}{name}.bias"] = torch.cat([p.bias for p in parts])
+    out = _query_tensors(src.prefix, queries.flatten(0, 1), q_bias is not None, _query_rank(config, layer))
+    for name, part in (("k_proj", merge), ("v_proj", value)):
+        out[f"{src.prefix}{name}.weight"] = part.weight
+        if part.bias is not None:
+            out[f"{src.prefix}{name}.bias"] = part.bias
     out.update(_output_projection(src, src.prefix, merged_output_projection(src.weight("o"), value, heads, groups)))
     return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
 
 
+# MFA-KR closed forms tried with calibration activations: (move slow frequencies to NoPE, NoPE key weight).
+# (False, 0.0) is the MFA merge with a values-only latent, the one used without activations.
+KEY_REUSE_CANDIDATES = ((False, 0.0), (False, 0.1), (False, 0.3), (False, 1.0), (True, 0.1), (True, 0.3), (True, 1.0))
+
+
+def convert_mfa_kr_attention(
+    src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
+) -> LayerResult:
+    """MFA-KR: c_proj = [RoPE key merge | joint latent of key directions moved to NoPE and the values]
+    (factorize/key_reuse.py); queries read both parts, o_proj the latent. With calibration activations the
+    partial-RoPE split and the key/value balance are chosen by measured attention-output error."""
+    heads, groups = config.num_attention_heads, config.num_key_value_heads
+    rotary = FactorConvRotaryEmbedding(config)
+    phase = phase_average(rotary.inv_freq.to(src.device), config.max_position_embeddings, rotary.attention_scaling)
+    q, k, v, o = ((src.weight(p), src.bias(p)) for p in "qkvo")
+    acts = stats.activations if stats is not None else None
+    best: tuple[float, LayerResult] | None = None
+    for move_slow, key_weight in KEY_REUSE_CANDIDATES if acts is not None else KEY_REUSE_CANDIDATES[:1]:
+        init = key_reuse_init(
+            q, k, v, o[0], heads, groups, config.rope_dim[layer], config.nope_dim[layer], phase,
+            config.attention_scale, stats.moment if stats is not None else None, move_slow, key_weight,
+        )
+        out = _query_tensors(src.prefix, init.queries.flatten(0, 1), q[1] is not None, _query_rank(config, layer))
+        weight, bias = split_bias_column(init.latent, k[1] is not None)
+        out[f"{src.prefix}c_proj.weight"] = weight
+        if bias is not None:
+            out[f"{src.prefix}c_proj.bias"] = bias
+        out.update(_output_projection(src, src.prefix, merged_output_projection(o[0], init.value, heads, groups)))
+        result = LayerResult(out, LayerReport(layer, init.key_error, init.value_error), init.pairs)
+        error = selection_error(config, layer, out, acts, init.pairs) if acts is not None else 0.0
+        if best is None or error < best[0]:
+            best = (error, result)
+    return best[1]
+
+
+def _query_rank(config: FactorConvConfig, layer: int) -> int | None:
+    return config.query_rank[layer] if config.query_rank else None
+
+
 CONVERTERS: dict[str, Callable[[SourceAttention, int, FactorConvConfig, LayerStatistics | None], LayerResult]] = {
     "tpa": convert_tpa_attention,
-    "mfa": _convert_shared_kv,
-    "mfa_kr": _convert_shared_kv,
+    "mfa": convert_mfa_attention,
+    "mfa_kr": convert_mfa_kr_attention,
 }
 
 

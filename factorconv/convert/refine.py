@@ -18,9 +18,13 @@ class RefineResult:
     error_after: float  # the same after refinement (equal to before when no steps ran or they did not help)
 
 
-def _attention_module(config: FactorConvConfig, layer: int, tensors: dict[str, torch.Tensor], device) -> torch.nn.Module:
+def _attention_module(
+    config: FactorConvConfig, layer: int, tensors: dict[str, torch.Tensor], device, rope_pairs: list[int] | None = None
+) -> torch.nn.Module:
     config = copy.deepcopy(config)
     config._attn_implementation = "sdpa"  # causal through is_causal, no explicit mask needed
+    if rope_pairs is not None:
+        config.rope_pair_index[layer] = rope_pairs
     module = ATTENTION_CLASSES[config.attention](config, layer).to(device=device, dtype=torch.float32)
     prefix = f"model.layers.{layer}.self_attn."
     module.load_state_dict({name[len(prefix) :]: t.float() for name, t in tensors.items()}, strict=True)
@@ -37,6 +41,15 @@ def _relative_error(module: torch.nn.Module, acts: LayerActivations, rows: slice
             num += float((out - target).pow(2).sum())
             den += float(target.pow(2).sum())
     return (num / max(den, 1e-30)) ** 0.5
+
+
+def selection_error(
+    config: FactorConvConfig, layer: int, tensors: dict[str, torch.Tensor], acts: LayerActivations, rope_pairs: list[int]
+) -> float:
+    """Relative attention-output error on the first fitting sequences (as many as are held out), for choosing
+    between closed-form candidates without touching the held-out ones."""
+    module = _attention_module(config, layer, tensors, acts.inputs.device, rope_pairs)
+    return _relative_error(module, acts, slice(0, min(acts.held_out, acts.inputs.shape[0] - acts.held_out)))
 
 
 def refine_layer(

@@ -144,6 +144,20 @@ def merge_queries(
     return torch.cat([per_head[:, index] * coeff[..., None], per_head[:, index + half] * coeff[..., None]], dim=1)
 
 
+def output_heads(o_weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """W_O split per query head: (h, d, D), float64."""
+    return o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)
+
+
+def output_metric(
+    o_weight: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G^{±1/2} for G = blockdiag_j Σ_{i reads j} W_O,iᵀ W_O,i: value errors measured after the output projection."""
+    o_heads = output_heads(o_weight, num_heads, head_dim)
+    reads = (o_heads.transpose(1, 2) @ o_heads).reshape(num_groups, num_heads // num_groups, head_dim, head_dim)
+    return psd_sqrt_and_inverse(torch.block_diag(*reads.sum(dim=1)))
+
+
 def _value_eigen(
     v_weight: torch.Tensor,
     v_bias: torch.Tensor | None,
@@ -153,10 +167,7 @@ def _value_eigen(
     moment: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and vectors of G^{1/2} C_V G^{1/2}, with G^{±1/2} and the stacked [W_V | b_V]."""
-    head_dim = v_weight.shape[0] // num_groups
-    o_heads = o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)  # (h, d, D)
-    reads = (o_heads.transpose(1, 2) @ o_heads).reshape(num_groups, num_heads // num_groups, head_dim, head_dim)
-    g_half, g_inv_half = psd_sqrt_and_inverse(torch.block_diag(*reads.sum(dim=1)))
+    g_half, g_inv_half = output_metric(o_weight, num_heads, num_groups, v_weight.shape[0] // num_groups)
     stacked = with_bias_column(v_weight, v_bias).double()
     sigma = input_moment(v_weight.shape[1], v_bias is not None, moment, v_weight.device)
     weighted = g_half @ stacked @ sigma @ stacked.T @ g_half
@@ -202,7 +213,7 @@ def merged_output_projection(
 ) -> torch.Tensor:
     """W'_O,i = W_O,i · read_γ(i): (d, h·d_V), the output projection reading the merged value head."""
     head_dim = value.read.shape[0] // num_groups
-    o_heads = o_weight.double().reshape(o_weight.shape[0], num_heads, head_dim).transpose(0, 1)  # (h, d, D)
+    o_heads = output_heads(o_weight, num_heads, head_dim)
     reads = value.read.reshape(num_groups, head_dim, -1).repeat_interleave(num_heads // num_groups, dim=0)
     merged = o_heads @ reads  # (h, d, d_V)
     return merged.transpose(0, 1).reshape(o_weight.shape[0], -1).to(o_weight.dtype)
