@@ -49,9 +49,10 @@ class ConvertOptions(BaseModel):
     calib: str | None = Field(default=None, description="calibration data: .txt, .jsonl, .npy or a datasets name")
     calib_samples: int = Field(default=128, ge=2, description="calibration sequences (10% are held out)")
     calib_seq_len: int = Field(default=2048, ge=8, description="tokens per calibration sequence")
-    init: Literal["auto", "weight", "stats", "query-aware"] = Field(
+    init: Literal["auto", "weight", "stats", "query-aware", "als"] = Field(
         default="auto",
-        description="weight-only maths, calibration statistics, or statistics with query-weighted key merging "
+        description="weight-only maths, calibration statistics, statistics with query-weighted key merging, or "
+        "(TPA with contextual) factors a(x), b(x) fitted to calibration keys/values by alternating least squares "
         "(auto: stats when calib is given)",
     )
     refine_steps: int | None = Field(
@@ -78,7 +79,9 @@ class ConvertOptions(BaseModel):
             explicit = [n for n in sorted(TARGET_OPTIONS[self.to] - {"contextual", "rank_q", "query_rank"}) if getattr(self, n)]
             if explicit:
                 raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(explicit)}")
-        if self.calib is None and (self.init in ("stats", "query-aware") or (self.refine_steps or 0) > 0):
+        if self.init == "als" and not (self.to == "tpa" and self.contextual):
+            raise ValueError("init 'als' fits contextual TPA factors: use it with --to tpa --contextual")
+        if self.calib is None and (self.init in ("stats", "query-aware", "als") or (self.refine_steps or 0) > 0):
             raise ValueError(f"init {self.init!r} and refine_steps need calibration data: pass calib")
         return self
 

@@ -18,6 +18,7 @@ from ..factorize.mfa import (
     rope_key_merge,
 )
 from ..factorize.tpa import TensorProductInit, relative_error, tensor_product_init
+from ..factorize.tpa_als import fit_contextual
 from ..modeling import FactorConvConfig
 from ..modeling.modeling_factorconv import FactorConvRotaryEmbedding
 from .calibrate import LayerActivations
@@ -45,6 +46,7 @@ class LayerStatistics:
     moment: torch.Tensor  # Σ = E[x̃x̃ᵀ], x̃ = [x; 1]
     query_aware: bool = False  # weight key directions by how strongly queries read them
     activations: LayerActivations | None = None  # to choose between closed forms by measured output error
+    fit_contextual: bool = False  # TPA: fit a(x), b(x) to the activations' keys/values (init "als")
 
 
 @dataclass
@@ -89,7 +91,8 @@ def convert_tpa_attention(
 ) -> LayerResult:
     """TPA: head-mode factors of K and V (and Q when `tpa_rank_q` is set); o_proj unchanged.
 
-    With calibration statistics the SVD is input-whitened (error measured on real inputs, SVD-LLM style).
+    With calibration statistics the SVD is input-whitened (error measured on real inputs, SVD-LLM style);
+    with init "als" contextual factors are then fitted to the calibration keys/values (factorize/tpa_als.py).
     """
     heads, groups, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
     out: dict[str, torch.Tensor] = {}
@@ -111,9 +114,23 @@ def convert_tpa_attention(
             whitening = cholesky_whitening(input_moment(weight.shape[1], bias is not None, stats.moment))
         init = tensor_product_init(weight, bias, num_groups, heads, rank, whitening)
         errors[proj] = relative_error(weight, bias, init, num_groups, heads)
-        out.update(_product_tensors(f"{src.prefix}{proj}_product", init, config.tpa_contextual, hidden))
+        prefix = f"{src.prefix}{proj}_product"
+        out.update(_product_tensors(prefix, init, config.tpa_contextual, hidden))
+        if stats is not None and stats.fit_contextual and stats.activations is not None:
+            fitted, history = fit_contextual(_fitting_inputs(stats.activations), weight, bias, init, num_groups)
+            errors[proj] = history[-1]  # relative error of the fitted factors on the calibration tokens
+            out.update({f"{prefix}.head_mix": fitted.head_mix, f"{prefix}.head_proj.weight": fitted.head_proj,
+                        f"{prefix}.basis.weight": fitted.basis_weight})
+            if fitted.basis_bias is not None:
+                out[f"{prefix}.basis.bias"] = fitted.basis_bias
     out.update(_output_projection(src, src.prefix, src.weight("o")))
     return LayerResult(out, LayerReport(layer, errors["k"], errors["v"], errors.get("q")))
+
+
+def _fitting_inputs(acts: LayerActivations, max_tokens: int = 65536) -> torch.Tensor:
+    """Attention inputs of the fitting sequences, (M, d), thinned evenly to at most `max_tokens` rows."""
+    rows = acts.inputs[: acts.inputs.shape[0] - acts.held_out].reshape(-1, acts.inputs.shape[-1])
+    return rows[:: max(1, -(-rows.shape[0] // max_tokens))]
 
 
 def _query_tensors(prefix: str, rows: torch.Tensor, has_bias: bool, rank: int | None) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                 acts = next(runner) if runner is not None else None
                 stats = None
                 if acts is not None and options.uses_statistics:
-                    stats = LayerStatistics(acts.moment(), options.query_aware, acts)
+                    stats = LayerStatistics(acts.moment(), options.query_aware, acts, options.init == "als")
                 result = convert_attention(read, layer, config, device, stats)
                 if result.rope_pairs is not None:
                     config.rope_pair_index[layer] = result.rope_pairs
