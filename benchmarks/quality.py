@@ -3,9 +3,10 @@
     python benchmarks/quality.py [--models stories260K pycode-27M] [--device cuda]
 
 For each model, target (TPA, MFA, MFA-KR) and budget: weight-only init, calibration-statistics init
-(`--init stats`, no refinement) and the default with calibration (statistics + local refinement), beside
-mean-pooled GQA at the same KV bytes. Budgets a target cannot reach (TPA needs at least one rank per K and
-V: 1/KV-heads of the bytes) are left out. Prints one Markdown table per model.
+(`--init stats`, no refinement) and the default with calibration (statistics + local refinement); for TPA also
+contextual factors from the statistics or fitted by ALS (`--init als`); beside mean-pooled GQA at the same KV
+bytes. Budgets a target cannot reach (TPA needs at least one rank per K and V: 1/KV-heads of the bytes) are left
+out. Prints one Markdown table per model.
 """
 
 import argparse
@@ -38,6 +39,12 @@ MODELS = {
 }
 BUDGETS = (0.5, 0.25, 0.125)
 INITS = {"weight-only": dict(init="weight"), "stats": dict(refine_steps=0), "stats+refine (default)": {}}
+# Contextual TPA (a(x) = α + A x cached too): statistics start (A = 0) vs factors fitted by ALS.
+TPA_CONTEXTUAL = {
+    "contextual stats+refine": dict(contextual=True),
+    "contextual als": dict(contextual=True, init="als", refine_steps=0),
+    "contextual als+refine": dict(contextual=True, init="als"),
+}
 
 
 def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict]:
@@ -63,7 +70,7 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict
                 rows.append({"budget": budget, **measure("mean-pooled GQA", pooled, tokens, spec["seq_len"], base,
                                                          time.perf_counter() - start)})
             for target in ("tpa", "mfa", "mfa_kr"):
-                for label, init in INITS.items():
+                for label, init in (INITS | TPA_CONTEXTUAL if target == "tpa" else INITS).items():
                     options = {**calib, **init} if init.get("init") != "weight" else {"device": args.device, **init}
                     if "refine_steps" not in init and init.get("init") != "weight":
                         options["refine_steps"] = args.refine_steps
@@ -73,7 +80,7 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict
                         )
                     except FactorConvError as err:
                         if "too small" in str(err):
-                            break  # this target cannot reach this budget
+                            continue  # this target (variant) cannot reach this budget
                         raise
                     rows.append({"budget": budget, **measure(f"{target} {label}", model, tokens, spec["seq_len"],
                                                              base, seconds)})

@@ -64,8 +64,10 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--calib-seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
 @click.option(
-    "--init", type=click.Choice(["auto", "weight", "stats", "query-aware"]), default="auto", show_default=True,
-    help="Weight-only maths or calibration statistics (auto: stats with --calib).",
+    "--init", type=click.Choice(["auto", "weight", "stats", "query-aware", "als"]), default="auto",
+    show_default=True,
+    help="Weight-only maths or calibration statistics (auto: stats with --calib); als: contextual TPA factors "
+    "fitted to calibration keys/values (needs --to tpa --contextual).",
 )
 @click.option("--refine-steps", type=int, help="Adam steps per layer fitting attention outputs (default 200 with --calib).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
