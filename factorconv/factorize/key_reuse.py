@@ -16,7 +16,8 @@ c_nope = Yᵀ [diag(w) k̄_nope; G^{1/2} v] with Y the top d_N eigenvectors of t
 G^{1/2} weights values by what the output projection reads (as in MFA); w puts key errors in the same
 output units: a score error ε in head i moves its output by about ε·‖W_O,i v‖, so
 w²_row = scale² Σ_i E[q_{i,row}²]·E‖W_O,i v_γ(i)‖². Queries read the keys back through diag(w)⁻¹Y_k (folded
-into the query projection), the output projection reads values through G^{-1/2}Y_v. With every direction
+into the query projection), the output projection reads values through G^{-1/2}Y_v. Keys count centred (a
+part constant over tokens shifts all of a query's scores equally, which softmax ignores). With every direction
 kept rotated (d_R = g·D) and d_N = g·D nothing is moved or dropped: the conversion is exact.
 """
 
@@ -34,7 +35,7 @@ class KeyReuseInit:
 
     latent: torch.Tensor  # (d_R + d_N, d'): c_rope rows (first components of each pair, then second), c_nope
     queries: torch.Tensor  # (h, d_R + d_N, d'): per-head query rows in c's coordinates
-    value: ValueBasis  # value read-back of c_nope (weight/bias unused: the latent holds them)
+    value: ValueBasis  # c_nope's rows of the latent and how the source's g·D values are read back from them
     pairs: list[int]  # source frequency pair of each rotated pair of c_rope
     key_error: float  # sqrt of the key energy lost (phase averaging + latent truncation) / total
     value_error: float  # sqrt of the output-weighted value energy lost / total
@@ -139,8 +140,8 @@ def key_reuse_init(
     nope_key_energy = (residual[:rows].diagonal() / weights**2).sum()
     dropped = torch.ones_like(energy, dtype=torch.bool)
     dropped[kept], dropped[moved] = False, False
-    phase_loss = (energy[moved] * (1 - cos[moved] ** 2 - sin[moved] ** 2)).sum() + energy[dropped].sum()
-    key_error = float(((phase_loss + nope_key_energy).clamp_min(0) / energy.sum().clamp_min(1e-300)).sqrt())
+    lost = (energy[moved] * (1 - cos[moved] ** 2 - sin[moved] ** 2)).sum() + energy[dropped].sum()
+    key_error = float(((lost + nope_key_energy).clamp_min(0) / energy.sum().clamp_min(1e-300)).sqrt())
     value_total = second[rows:, rows:].diagonal().sum()
     value_error = float((residual[rows:, rows:].diagonal().sum().clamp_min(0) / value_total.clamp_min(1e-300)).sqrt())
 
