@@ -66,8 +66,8 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option(
     "--init", type=click.Choice(["auto", "weight", "stats", "query-aware", "als"]), default="auto",
     show_default=True,
-    help="Weight-only maths or calibration statistics (auto: stats with --calib); als: contextual TPA factors "
-    "fitted to calibration keys/values (needs --to tpa --contextual).",
+    help="Weight-only maths or calibration statistics (auto: stats with --calib); query-aware: MFA keys weighted "
+    "by the queries; als: contextual TPA factors fitted to calibration keys/values (--to tpa --contextual).",
 )
 @click.option("--refine-steps", type=int, help="Adam steps per layer fitting attention outputs (default 200 with --calib).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")

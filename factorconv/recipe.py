@@ -79,6 +79,8 @@ class ConvertOptions(BaseModel):
             explicit = [n for n in sorted(TARGET_OPTIONS[self.to] - {"contextual", "rank_q", "query_rank"}) if getattr(self, n)]
             if explicit:
                 raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(explicit)}")
+        if self.init == "query-aware" and self.to != "mfa":
+            raise ValueError("init 'query-aware' weights MFA's key merge: use it with --to mfa")
         if self.init == "als" and not (self.to == "tpa" and self.contextual):
             raise ValueError("init 'als' fits contextual TPA factors: use it with --to tpa --contextual")
         if self.calib is None and (self.init in ("stats", "query-aware", "als") or (self.refine_steps or 0) > 0):

@@ -161,6 +161,8 @@ def _calib(tmp_path, seq=32, count=40):
 def test_als_needs_contextual_tpa(source_dirs, tmp_path):
     with pytest.raises(ValueError, match="--to tpa --contextual"):
         ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "o", init="als", calib="x.npy")
+    with pytest.raises(ValueError, match="--to mfa"):
+        ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "o", init="query-aware", calib="x.npy")
     with pytest.raises(ValueError, match="need calibration data"):
         ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "o", contextual=True, init="als")
 
