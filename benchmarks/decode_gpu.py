@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from common import LLAMA_3_2_1B
 from factorconv.convert import convert
 from factorconv.evaluate.kv_cache import cache_bytes
+from factorconv.modeling import output_cache
 from factorconv.recipe import ConvertOptions
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def run(model, batch: int, prompt: int, new: int) -> dict:
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, return_dict_in_generate=True, **kwargs)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = output_cache(out)
     return {
         "cache_gib": cache_bytes(cache) / 2**30,
         "bytes_per_token": cache_bytes(cache) / (batch * cache.get_seq_length()),

@@ -4,11 +4,12 @@ Importing the package registers the factorconv architecture with transformers' A
 installed users load converted folders without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .modeling import FactorConvConfig, FactorConvForCausalLM
+from .modeling import FactorConvConfig, FactorConvForCausalLM, FactorConvModel
 
 AutoConfig.register(FactorConvConfig.model_type, FactorConvConfig, exist_ok=True)
+AutoModel.register(FactorConvConfig, FactorConvModel, exist_ok=True)
 AutoModelForCausalLM.register(FactorConvConfig, FactorConvForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ from conftest import VOCAB, random_ids
 from transformers import DynamicCache
 
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, cache_bytes, measured_kv_bytes_per_token
-from factorconv.modeling import FactorCacheLayer, FactorConvConfig, FactorConvForCausalLM
+from factorconv.modeling import CACHE_KEY, FactorConvConfig, FactorConvForCausalLM, output_cache
 from factorconv.modeling.modeling_factorconv import FactorConvTPAAttention, _masked_scores
 
 VARIANTS = {
@@ -62,12 +62,12 @@ def test_cached_greedy_equals_uncached(models, variant):
     ids = random_ids(2, 7, seed=20)
     cached = generate(model, ids, 12, use_cache=True, return_dict_in_generate=True, output_scores=True)
     uncached = generate(model, ids, 12, use_cache=False, return_dict_in_generate=True, output_scores=True)
-    assert isinstance(cached.past_key_values, DynamicCache)
-    assert uncached.past_key_values is None
+    assert isinstance(output_cache(cached), DynamicCache)
+    assert output_cache(uncached) is None
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), atol=1e-4, rtol=0)
     # The decode steps really ran from the cache, through factor_attention.
-    assert cached.past_key_values.get_seq_length() == 7 + 12 - 1
+    assert output_cache(cached).get_seq_length() == 7 + 12 - 1
 
 
 def test_contextual_head_factors_matter(models):
@@ -103,10 +103,10 @@ def test_continue_from_prompt_cache(models, variant, cached_prefix):
     prompt = random_ids(1, 10, seed=40)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prompt[:, :cached_prefix], past_key_values=cache, use_cache=True)
+        model(prompt[:, :cached_prefix], use_cache=True, **{CACHE_KEY: cache})
     assert cache.get_seq_length() == cached_prefix
-    assert all(isinstance(layer, FactorCacheLayer) for layer in cache.layers)
-    continued = generate(model, prompt, 8, past_key_values=copy.deepcopy(cache))
+    assert all(layer.keys.shape[1] == 1 for layer in cache.layers)  # factor rows, not per-head keys
+    continued = generate(model, prompt, 8, **{CACHE_KEY: copy.deepcopy(cache)})
     scratch = generate(model, prompt, 8)
     assert torch.equal(continued, scratch)
 
@@ -139,7 +139,7 @@ def test_sampling_with_seed(models, variant):
 def _measured_bytes(model, batch: int = 2, prompt: int = 6, new: int = 5):
     ids = random_ids(batch, prompt, seed=60)
     out = generate(model, ids, new, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     tokens = cache.get_seq_length()
     assert tokens == prompt + new - 1
     return cache, cache_bytes(cache) / (tokens * batch)
@@ -150,7 +150,6 @@ def test_measured_cache_bytes_equal_analytic(models, variant, source_model):
     model = models[variant]
     cache, per_token = _measured_bytes(model)
     assert len(cache.layers) == model.config.num_hidden_layers
-    assert all(type(layer) is FactorCacheLayer for layer in cache.layers)
     for i, layer in enumerate(cache.layers):
         assert layer.keys.dtype == torch.float32
         assert layer.keys.shape[1] == 1  # one packed row of factors per token, not one per head
@@ -210,9 +209,11 @@ def _factor_path(attn: FactorConvTPAAttention, x, cos, sin, mask):
     query = attn._queries(x, cos, sin)
     from factorconv.modeling.modeling_factorconv import apply_rope
 
-    key_row = attn._pack(apply_rope(attn.k_product.b(x), cos, sin, 2), attn.k_product.a(x))
-    value_row = attn._pack(attn.v_product.b(x), attn.v_product.a(x))
-    out = attn.factor_attention(query, attn._unpack(key_row, attn.k_product), attn._unpack(value_row, attn.v_product), mask)
+    (b_k, a_k), (b_v, a_v) = attn.k_product(x), attn.v_product(x)
+    key_row, value_row = attn._pack(apply_rope(b_k, cos, sin, 2), a_k), attn._pack(b_v, a_v)
+    keys, values = attn._unpack(key_row, attn.k_product, a_k), attn._unpack(value_row, attn.v_product, a_v)
+    out, probs = attn.factor_attention(query, keys, values, mask)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
     return attn.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -254,12 +255,11 @@ def test_factor_attention_with_past_matches_prefill(contextual):
         reference, _ = attn(x, (cos, sin), attention_mask=causal[None, None].expand(bsz, 1, -1, -1))
         from factorconv.modeling.modeling_factorconv import apply_rope
 
-        key_row = attn._pack(apply_rope(attn.k_product.b(x), cos, sin, 2), attn.k_product.a(x))
-        value_row = attn._pack(attn.v_product.b(x), attn.v_product.a(x))
+        (b_k, a_k), (b_v, a_v) = attn.k_product(x), attn.v_product(x)
+        key_row, value_row = attn._pack(apply_rope(b_k, cos, sin, 2), a_k), attn._pack(b_v, a_v)
         query = attn._queries(x[:, -new:], cos[:, -new:], sin[:, -new:])
-        out = attn.factor_attention(
-            query, attn._unpack(key_row, attn.k_product), attn._unpack(value_row, attn.v_product), None
-        )
+        keys, values = attn._unpack(key_row, attn.k_product, a_k), attn._unpack(value_row, attn.v_product, a_v)
+        out, _ = attn.factor_attention(query, keys, values, None)
         got = attn.o_proj(out.reshape(bsz, new, -1))
     torch.testing.assert_close(got, reference[:, -new:], atol=1e-5 * float(reference.abs().max()), rtol=0)
 
@@ -314,10 +314,10 @@ def test_per_layer_ranks():
     ids = random_ids(1, 6, seed=92)
     out = generate(model, ids, 6, return_dict_in_generate=True)
     assert torch.equal(out.sequences, generate(model, ids, 6, use_cache=False))
-    widths = [layer.keys.shape[-1] + layer.values.shape[-1] for layer in out.past_key_values.layers]
+    widths = [layer.keys.shape[-1] + layer.values.shape[-1] for layer in output_cache(out).layers]
     assert widths == [config.kv_cache_width(i) for i in range(3)] == [4 * 20, 3 * 20, 5 * 20]
-    tokens = out.past_key_values.get_seq_length()
-    assert cache_bytes(out.past_key_values) / tokens == analytic_kv_bytes_per_token(config, 4) == 12 * 20 * 4
+    tokens = output_cache(out).get_seq_length()
+    assert cache_bytes(output_cache(out)) / tokens == analytic_kv_bytes_per_token(config, 4) == 12 * 20 * 4
 
     with pytest.raises(ValueError, match="tpa_rank_k has 2 entries but the model has 3 layers"):
         FactorConvConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, tpa_rank_k=[1, 2])

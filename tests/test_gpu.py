@@ -5,6 +5,7 @@ import torch
 
 from conftest import random_ids
 from factorconv.convert import convert
+from factorconv.modeling import CACHE_KEY, output_cache
 from factorconv.recipe import ConvertOptions
 
 pytestmark = [
@@ -45,8 +46,8 @@ def test_cuda_generation_from_factor_cache(options, converted, load_model):
     with torch.no_grad():
         full = bf16(ids).logits.float()
         prefix = bf16(ids[:, :8], use_cache=True)
-        cache = prefix.past_key_values
-        steps = [bf16(ids[:, t : t + 1], past_key_values=cache).logits.float() for t in range(8, 12)]
+        cache = output_cache(prefix)
+        steps = [bf16(ids[:, t : t + 1], **{CACHE_KEY: cache}).logits.float() for t in range(8, 12)]
         reference = load_model(folder)(ids.cpu()).logits.cuda()
     scale = reference.abs().max().item()
     # Decoding from factors and the full forward round differently in bf16, within bf16's precision.

@@ -145,7 +145,7 @@ def test_als_factors_load_into_the_tensor_product_layout():
         module.basis.weight.copy_(fitted.basis_weight)
         module.basis.bias.copy_(fitted.basis_bias)
         xs = x.double()[None]
-        keys = module.mix(module.b(xs), module.a(xs))[0]  # (h, T, D)
+        keys = module.mix(*module(xs))[0]  # (h, T, D)
     target = (xs[0] @ weight.double().T + bias.double()).reshape(-1, g, D).transpose(0, 1)
     target = target.repeat_interleave(h // g, dim=0)
     error = float((keys - target).norm() / target.norm())

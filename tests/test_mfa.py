@@ -7,6 +7,7 @@ import torch
 
 from conftest import SOURCE_NAMES, random_ids
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, cache_bytes
+from factorconv.modeling import output_cache
 
 TARGETS = {
     "mfa": dict(to="mfa"),
@@ -102,7 +103,7 @@ def test_cache_bytes_equal_formula_and_generation_matches_no_cache(target, reduc
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0
     )
     assert torch.equal(out.sequences, no_cache)
-    cache = out.past_key_values
+    cache = output_cache(out)
     per_token = cache_bytes(cache) / (cache.get_seq_length() * ids.shape[0])
     cfg = model.config
     widths = [cfg.key_dim[i] + cfg.value_dim[i] if target == "mfa" else cfg.rope_dim[i] + cfg.nope_dim[i] for i in range(2)]

@@ -54,7 +54,7 @@ CHILD = textwrap.dedent(
         np.save(Path(sys.argv[3]) / f"tokens{i}.npy", out.sequences.numpy())
         report[folder] = {
             "class_module": type(model).__module__,
-            "cache_layers": sorted({type(layer).__name__ for layer in out.past_key_values.layers}),
+            "cache_layers": sorted({type(layer).__name__ for layer in sys.modules[type(model).__module__].output_cache(out).layers}),
         }
     report["factorconv_loaded"] = any(name.split(".")[0] == "factorconv" for name in sys.modules)
     Path(sys.argv[3], "report.json").write_text(json.dumps(report))
@@ -120,7 +120,7 @@ def assert_same_as_in_process(report: dict, results: Path, folders: list[Path], 
     for i, folder in enumerate(folders):
         entry = report[str(folder)]
         assert entry["class_module"].startswith("transformers_modules."), entry
-        assert entry["cache_layers"] == ["FactorCacheLayer"], entry
+        assert entry["cache_layers"] == ["DynamicLayer"], entry
         model = load_model(folder)
         with torch.no_grad():
             expected = model(ids, use_cache=False).logits
@@ -263,6 +263,7 @@ def test_output_folder_contents(converted, source_dirs):
     assert config["architectures"] == ["FactorConvForCausalLM"]
     assert config["auto_map"] == {
         "AutoConfig": "configuration_factorconv.FactorConvConfig",
+        "AutoModel": "modeling_factorconv.FactorConvModel",
         "AutoModelForCausalLM": "modeling_factorconv.FactorConvForCausalLM",
     }
     assert config["tpa_rank_k"] == [1, 1] and config["tpa_rank_v"] == [2, 2]

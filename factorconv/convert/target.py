@@ -116,6 +116,7 @@ def build_target_config(
         architectures=["FactorConvForCausalLM"],
         auto_map={
             "AutoConfig": "configuration_factorconv.FactorConvConfig",
+            "AutoModel": "modeling_factorconv.FactorConvModel",
             "AutoModelForCausalLM": "modeling_factorconv.FactorConvForCausalLM",
         },
         dtype=output_dtype(options, source),

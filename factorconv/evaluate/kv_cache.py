@@ -3,7 +3,7 @@
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from ..modeling import FactorConvConfig
+from ..modeling import FactorConvConfig, output_cache
 
 
 def analytic_kv_bytes_per_token(config: PreTrainedConfig, bytes_per_value: int) -> int:
@@ -39,5 +39,5 @@ def measured_kv_bytes_per_token(model: PreTrainedModel, prompt_tokens: int = 8, 
         return_dict_in_generate=True,
         pad_token_id=0,
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     return cache_bytes(cache) / (cache.get_seq_length() * prompt.shape[0])

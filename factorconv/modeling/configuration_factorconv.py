@@ -6,7 +6,8 @@ This file is copied next to converted weights and must import nothing but transf
 from transformers import PreTrainedConfig
 
 ATTENTION_KINDS = ("tpa", "mfa", "mfa_kr")
-CACHE_LAYER_TYPE = "factorconv"
+# Folders written before the cache became a stock DynamicCache name this layer type in `layer_types`.
+_LEGACY_LAYER_TYPE = "factorconv"
 
 
 def _per_layer(value: int | list[int] | None, num_layers: int, name: str) -> list[int] | None:
@@ -37,7 +38,7 @@ class FactorConvConfig(PreTrainedConfig):
     """
 
     model_type = "factorconv"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -104,20 +105,13 @@ class FactorConvConfig(PreTrainedConfig):
             self.rope_pair_index = [[p % (self.head_dim // 2) for p in range(w // 2)] for w in rotated]
         if [len(pairs) for pairs in self.rope_pair_index] != [w // 2 for w in rotated]:
             raise ValueError("rope_pair_index must list one source frequency per rotated key pair in each layer")
-        # One custom cache layer per decoder layer: DynamicCache(config=...) dispatches on these names.
-        self.layer_types = [CACHE_LAYER_TYPE] * n
+        # Every layer is full attention whose cache rows hold factors; `layer_types` stays unset so that a plain
+        # PreTrainedConfig (e.g. AutoTokenizer without trust_remote_code) reads config.json too.
+        if self.layer_types is not None:
+            if set(self.layer_types) - {_LEGACY_LAYER_TYPE, "full_attention"}:
+                raise ValueError(f"factorconv layers are all full attention, got layer_types {self.layer_types}")
+            self.layer_types = None
         super().__post_init__(**kwargs)
-
-    def validate(self) -> None:
-        """Run transformers' config checks, but accept our own cache layer type in `layer_types`.
-
-        transformers only knows its built-in layer types; ours registers itself from the modeling file.
-        """
-        for validator in type(self).__class_validators__:
-            if validator.__name__ != "validate_layer_type":
-                validator(self)
-        if self.layer_types != [CACHE_LAYER_TYPE] * self.num_hidden_layers:
-            raise ValueError(f"layer_types must be {CACHE_LAYER_TYPE!r} for each of the {self.num_hidden_layers} layers")
 
     def query_width(self, layer_idx: int) -> int:
         """Width of each query head of MFA / MFA-KR (what it is dotted with)."""

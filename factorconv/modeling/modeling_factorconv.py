@@ -8,6 +8,10 @@ TPA (Tensor Product Attention): per token, the keys of all h heads form an h×D 
 and values likewise (no RoPE). RoPE acts on b, shared by every head, so it commutes with the head mix.
 The cache holds b (and a, when contextual) per token; decoding scores queries against the factors
 directly. Prefill and training rebuild per-head K/V and use transformers' attention functions.
+
+The cache is a stock transformers `DynamicCache` (or `StaticCache`) whose layers hold factor rows of shape
+(batch, 1, tokens, width) instead of per-head keys and values, so cropping, beam reordering, batch selection and
+static pre-allocation work unchanged. What reads a cache as per-head K/V does not apply to these rows.
 """
 
 from collections.abc import Callable
@@ -17,26 +21,38 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_factorconv import CACHE_LAYER_TYPE, FactorConvConfig
+from .configuration_factorconv import FactorConvConfig
+
+# transformers 5.24 renamed `past_key_values` to `cache` everywhere a custom model meets it: forward arguments,
+# output fields, `create_causal_mask` and GradientCheckpointingLayer's check that drops the cache. Every release in
+# our range is served by using the installed release's name for all of them.
+CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class FactorCacheLayer(DynamicLayer):
-    """One decoder layer's cache of per-token factor vectors.
+def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache passed as `cache` or under its older name `past_key_values` (removed from kwargs)."""
+    for key in ("cache", "past_key_values"):
+        if key in kwargs:
+            other = kwargs.pop(key)
+            if cache is not None and other is not None:
+                raise ValueError("Pass the cache once, as `cache` or `past_key_values`, not both")
+            cache = cache if cache is not None else other
+    return cache
 
-    `keys` and `values` have shape (batch, 1, tokens, width): the key-side and value-side factors of each
-    token packed into one row (for TPA: b, then a when contextual). Keeping DynamicLayer's layout means
-    cropping, beam reordering and batch selection work unchanged, while the bytes held are the factors'.
-    """
 
-    _layer_type = CACHE_LAYER_TYPE
+def output_cache(output) -> Cache | None:
+    """The cache a model or `generate` output carries, under the installed release's field name."""
+    return getattr(output, CACHE_KEY)
 
 
 class FactorConvRMSNorm(nn.Module):
@@ -124,19 +140,26 @@ class TensorProduct(nn.Module):
         self.head_mix = nn.Parameter(torch.zeros(rank, num_heads))
         self.head_proj = nn.Linear(hidden_size, rank * num_heads, bias=False) if contextual else None
 
-    def b(self, x: torch.Tensor) -> torch.Tensor:
-        return self.basis(x).unflatten(-1, (self.rank, self.head_dim))
+    @property
+    def contextual(self) -> bool:
+        return self.head_proj is not None
 
-    def a(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-token head factors, or None when they are the constant α."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b(x), a): the basis (..., R, D) and the head factors, (..., R, H) per token when contextual, else α.
+
+        α is read here and nowhere else, so hooks that bring weights in around `forward` (accelerate's
+        offloading) see every use of it.
+        """
+        b = self.basis(x).unflatten(-1, (self.rank, self.head_dim))
         if self.head_proj is None:
-            return None
-        return self.head_mix + self.head_proj(x).unflatten(-1, (self.rank, self.num_heads))
+            return b, self.head_mix
+        return b, self.head_mix + self.head_proj(x).unflatten(-1, (self.rank, self.num_heads))
 
-    def mix(self, b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def mix(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Σ_r a_{r,h} b_r: (batch, tokens, R, D) factors -> (batch, heads, tokens, D)."""
-        if a is None:
-            return torch.einsum("btrd,rh->bhtd", b, self.head_mix.to(b.dtype)).contiguous()
+        if a.dim() == 2:
+            return torch.einsum("btrd,rh->bhtd", b, a.to(b.dtype)).contiguous()
         return torch.einsum("btrd,btrh->bhtd", b, a).contiguous()  # SDPA kernels want unit stride
 
 
@@ -209,76 +232,80 @@ class FactorConvTPAAttention(nn.Module):
         if self.q_product is None:
             q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
             return apply_rope(q, cos, sin, unsqueeze_dim=1)
-        return self.q_product.mix(apply_rope(self.q_product.b(x), cos, sin, unsqueeze_dim=2), self.q_product.a(x))
+        b, a = self.q_product(x)
+        return TensorProduct.mix(apply_rope(b, cos, sin, unsqueeze_dim=2), a)
 
     @staticmethod
-    def _pack(b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, R, D) basis and optional (B, T, R, H) head factors -> one (B, 1, T, width) cache row."""
-        parts = [b.flatten(-2)] + ([a.flatten(-2)] if a is not None else [])
+    def _pack(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """(B, T, R, D) basis and its head factors -> one (B, 1, T, width) cache row (a only when per token)."""
+        parts = [b.flatten(-2)] + ([a.flatten(-2)] if a.dim() > 2 else [])
         return torch.cat(parts, dim=-1).unsqueeze(1)
 
     @staticmethod
-    def _unpack(row: torch.Tensor, product: TensorProduct) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _unpack(row: torch.Tensor, product: TensorProduct, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cache row -> (b, a) for all its tokens; `a` is this step's head factors (α, or per token)."""
         row = row.squeeze(1)
         split = product.rank * product.head_dim
         b = row[..., :split].unflatten(-1, (product.rank, product.head_dim))
-        a = row[..., split:].unflatten(-1, (product.rank, product.num_heads)) if product.head_proj is not None else None
+        if a.dim() > 2:
+            a = row[..., split:].unflatten(-1, (product.rank, product.num_heads))
         return b, a
 
     def factor_attention(
         self,
         query: torch.Tensor,
-        key_factors: tuple[torch.Tensor, torch.Tensor | None],
-        value_factors: tuple[torch.Tensor, torch.Tensor | None],
+        key_factors: tuple[torch.Tensor, torch.Tensor],
+        value_factors: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention straight from cached factors, never forming per-head K/V.
 
         s_{h,t} = Σ_r a_{t,r,h} (q_h · b_{t,r}) / √D  and  o_h = Σ_t p_{h,t} Σ_r a^V_{t,r,h} b^V_{t,r}.
-        query: (B, H, L, D). Returns (B, L, H, D).
+        query: (B, H, L, D); head factors (R, H) when constant, (B, T, R, H) when contextual.
+        Returns the output (B, L, H, D) and the attention probabilities (B, H, L, T).
         """
         (b_k, a_k), (b_v, a_v) = key_factors, value_factors
         bsz, tokens, rank_k, dim = b_k.shape
         rank_v = b_v.shape[2]
         q_dot_b = torch.matmul(query, b_k.reshape(bsz, 1, tokens * rank_k, dim).transpose(-1, -2))
         q_dot_b = q_dot_b.unflatten(-1, (tokens, rank_k))  # (B, H, L, T, R_K)
-        if a_k is None:
-            scores = torch.einsum("bhltr,rh->bhlt", q_dot_b, self.k_product.head_mix.to(query.dtype))
+        if a_k.dim() == 2:
+            scores = torch.einsum("bhltr,rh->bhlt", q_dot_b, a_k.to(query.dtype))
         else:
             scores = torch.einsum("bhltr,btrh->bhlt", q_dot_b, a_k)
         scores = _masked_scores(scores.float() * self.scaling, attention_mask)
         probs = scores.softmax(dim=-1).to(query.dtype)
-        if a_v is None:
+        if a_v.dim() == 2:
             mixed = torch.matmul(probs, b_v.reshape(bsz, 1, tokens, rank_v * dim)).unflatten(-1, (rank_v, dim))
-            out = torch.einsum("bhlrd,rh->bhld", mixed, self.v_product.head_mix.to(query.dtype))
+            out = torch.einsum("bhlrd,rh->bhld", mixed, a_v.to(query.dtype))
         else:
             weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).flatten(-2)
             out = torch.matmul(weights, b_v.reshape(bsz, 1, tokens * rank_v, dim))
-        return out.transpose(1, 2)
+        return out.transpose(1, 2), probs
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         query = self._queries(hidden_states, cos, sin)
-        key_row = self._pack(apply_rope(self.k_product.b(hidden_states), cos, sin, 2), self.k_product.a(hidden_states))
-        value_row = self._pack(self.v_product.b(hidden_states), self.v_product.a(hidden_states))
-        if past_key_values is not None:
-            key_row, value_row = past_key_values.update(key_row, value_row, self.layer_idx)
-        key_factors = self._unpack(key_row, self.k_product)
-        value_factors = self._unpack(value_row, self.v_product)
+        b_k, a_k = self.k_product(hidden_states)
+        b_v, a_v = self.v_product(hidden_states)
+        key_row, value_row = self._pack(apply_rope(b_k, cos, sin, 2), a_k), self._pack(b_v, a_v)
+        if cache is not None:
+            key_row, value_row = cache.update(key_row, value_row, self.layer_idx)
+        key_factors = self._unpack(key_row, self.k_product, a_k)
+        value_factors = self._unpack(value_row, self.v_product, a_v)
 
-        weights = None
         if q_len == 1:
-            out = self.factor_attention(query, key_factors, value_factors, attention_mask)
+            out, weights = self.factor_attention(query, key_factors, value_factors, attention_mask)
         else:
-            keys, values = self.k_product.mix(*key_factors), self.v_product.mix(*value_factors)
+            keys, values = TensorProduct.mix(*key_factors), TensorProduct.mix(*value_factors)
             out, weights = registry_attention(self, query, keys, values, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
@@ -340,23 +367,24 @@ class SharedKVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         query = self._queries(hidden_states, cos, sin)
         keys, values = self._new_entries(hidden_states, cos, sin)
-        if past_key_values is not None:
-            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        if cache is not None:
+            keys, values = cache.update(keys, values, self.layer_idx)
         out, weights = self._attend(query, *self._keys_and_values(keys, values), attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
     def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, H, L, d) queries against one (B, 1, T, d) key/value head; returns (B, L, H, d_V)."""
-        if query.shape[2] == 1 and not self.training:
+        if query.shape[2] == 1 and not self.training and self.config._attn_implementation != "eager":
             # Decoding: fold the heads into the query axis, so the one cached head is read once, never copied
-            # per query head; a (B, 1, 1, T) padding mask broadcasts over the folded heads.
+            # per query head; a (B, 1, 1, T) padding mask broadcasts over the folded heads. (Eager keeps the
+            # general path, which returns the attention probabilities.)
             mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
             out = nn.functional.scaled_dot_product_attention(
                 query.transpose(1, 2), key, value, attn_mask=mask, scale=self.scaling
@@ -417,15 +445,16 @@ class FactorConvDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """kwargs carry the cache under CACHE_KEY, the name GradientCheckpointingLayer clears when checkpointing."""
+        cache = take_cache(None, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -438,11 +467,15 @@ class FactorConvPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FactorConvDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KEY]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
+    _can_record_outputs = {
+        "hidden_states": FactorConvDecoderLayer,
+        "attentions": [FactorConvTPAAttention, SharedKVAttention],
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -461,58 +494,48 @@ class FactorConvModel(FactorConvPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`cache` is also accepted as `past_key_values` (the name before transformers 5.24)."""
+        cache = take_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_KEY: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden_states = [] if output_hidden_states else None
         for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
             hidden_states = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
-                past_key_values=past_key_values,
+                **{CACHE_KEY: cache},
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_KEY: cache})
 
 
 class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
@@ -531,18 +554,19 @@ class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`cache` is also accepted as `past_key_values` (the name before transformers 5.24)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=take_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -556,12 +580,14 @@ class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_KEY: output_cache(outputs)},
         )
 
 
 # Saving a loaded model copies this file next to the weights and keeps auto_map pointing at it.
+FactorConvModel.register_for_auto_class("AutoModel")
 FactorConvForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["FactorCacheLayer", "FactorConvForCausalLM", "FactorConvModel", "FactorConvPreTrainedModel"]
+__all__ = ["CACHE_KEY", "FactorConvForCausalLM", "FactorConvModel", "FactorConvPreTrainedModel", "output_cache"]
