@@ -14,6 +14,7 @@ The cache is a stock transformers `DynamicCache` (or `StaticCache`) whose layers
 static pre-allocation work unchanged. What reads a cache as per-head K/V does not apply to these rows.
 """
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -40,9 +42,14 @@ CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ e
 
 
 def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
-    """The cache passed as `cache` or under its older name `past_key_values` (removed from kwargs)."""
+    """The cache passed as `cache` or under its older name `past_key_values` (removed from kwargs).
+
+    Where the installed release has renamed it, the old name warns as transformers' own models do.
+    """
     for key in ("cache", "past_key_values"):
         if key in kwargs:
+            if key != CACHE_KEY and key == "past_key_values":
+                warnings.warn("`past_key_values` is deprecated, pass the cache as `cache`", FutureWarning, stacklevel=3)
             other = kwargs.pop(key)
             if cache is not None and other is not None:
                 raise ValueError("Pass the cache once, as `cache` or `past_key_values`, not both")
@@ -504,7 +511,7 @@ class FactorConvModel(FactorConvPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         """`cache` is also accepted as `past_key_values` (the name before transformers 5.24)."""
         cache = take_cache(cache, kwargs)
@@ -559,7 +566,7 @@ class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """`cache` is also accepted as `past_key_values` (the name before transformers 5.24)."""
         outputs = self.model(
