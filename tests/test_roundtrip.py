@@ -37,7 +37,7 @@ CHILD = textwrap.dedent(
     else:
         raise SystemExit("factorconv is importable in the child: " + factorconv.__file__)
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     jobs = json.loads(Path(sys.argv[1]).read_text())
     ids = torch.from_numpy(np.load(sys.argv[2]))
@@ -52,10 +52,18 @@ CHILD = textwrap.dedent(
             )
         np.save(Path(sys.argv[3]) / f"logits{i}.npy", logits.numpy())
         np.save(Path(sys.argv[3]) / f"tokens{i}.npy", out.sequences.numpy())
+        modeling = sys.modules[type(model).__module__]
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            hidden = base(ids, use_cache=False).last_hidden_state
         report[folder] = {
             "class_module": type(model).__module__,
-            "cache_layers": sorted({type(layer).__name__ for layer in sys.modules[type(model).__module__].output_cache(out).layers}),
+            "cache_layers": sorted({type(layer).__name__ for layer in modeling.output_cache(out).layers}),
+            "base_class": type(base).__name__,
+            "base_matches": bool(torch.allclose(model.lm_head(hidden), logits, atol=1e-5)),
         }
+        if Path(folder, "tokenizer_config.json").is_file():  # users load tokenizers without trust_remote_code
+            report[folder]["tokenizer"] = type(AutoTokenizer.from_pretrained(folder)).__name__
     report["factorconv_loaded"] = any(name.split(".")[0] == "factorconv" for name in sys.modules)
     Path(sys.argv[3], "report.json").write_text(json.dumps(report))
     """
@@ -121,6 +129,9 @@ def assert_same_as_in_process(report: dict, results: Path, folders: list[Path], 
         entry = report[str(folder)]
         assert entry["class_module"].startswith("transformers_modules."), entry
         assert entry["cache_layers"] == ["DynamicLayer"], entry
+        assert entry["base_class"] == "FactorConvModel" and entry["base_matches"], entry
+        if (folder / "tokenizer_config.json").is_file():
+            assert entry["tokenizer"].endswith("Fast") or entry["tokenizer"].endswith("Backend"), entry
         model = load_model(folder)
         with torch.no_grad():
             expected = model(ids, use_cache=False).logits
@@ -141,6 +152,7 @@ def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted,
     ids = random_ids(2, 12, seed=80)
     report, results = run_without_factorconv(tmp_path, folders, ids)
     assert_same_as_in_process(report, results, folders, ids, load_model)
+    assert sum("tokenizer" in report[str(f)] for f in folders) == 2  # the two llama_gqa conversions carry one
 
 
 def test_loads_without_remote_code_once_factorconv_is_imported(tmp_path, converted, load_model):

@@ -74,7 +74,6 @@ class FactorConvConfig(PreTrainedConfig):
     query_rank: int | list[int] | None = None
     query_norm: bool = False
     attention_scale: float | None = None
-    layer_types: list[str] | None = None
     source_model: str | None = None
     source_revision: str | None = None
     source_architecture: str | None = None
@@ -105,12 +104,12 @@ class FactorConvConfig(PreTrainedConfig):
             self.rope_pair_index = [[p % (self.head_dim // 2) for p in range(w // 2)] for w in rotated]
         if [len(pairs) for pairs in self.rope_pair_index] != [w // 2 for w in rotated]:
             raise ValueError("rope_pair_index must list one source frequency per rotated key pair in each layer")
-        # Every layer is full attention whose cache rows hold factors; `layer_types` stays unset so that a plain
-        # PreTrainedConfig (e.g. AutoTokenizer without trust_remote_code) reads config.json too.
-        if self.layer_types is not None:
-            if set(self.layer_types) - {_LEGACY_LAYER_TYPE, "full_attention"}:
-                raise ValueError(f"factorconv layers are all full attention, got layer_types {self.layer_types}")
-            self.layer_types = None
+        # Every layer is full attention whose cache rows hold factors. No `layer_types` attribute (as in Llama):
+        # transformers then builds one mask and stock cache layers, and a plain PreTrainedConfig (AutoTokenizer
+        # without trust_remote_code) reads config.json too. Folders from earlier releases name a custom type.
+        layer_types = kwargs.pop("layer_types", None)
+        if layer_types is not None and set(layer_types) - {_LEGACY_LAYER_TYPE, "full_attention"}:
+            raise ValueError(f"factorconv layers are all full attention, got layer_types {layer_types}")
         super().__post_init__(**kwargs)
 
     def query_width(self, layer_idx: int) -> int:
