@@ -5,6 +5,7 @@ weights and saved with `save_pretrained`. Converted folders are cached per sessi
 so several tests can share one conversion.
 """
 
+import copy
 import os
 
 # Offline before huggingface_hub is imported (it reads these once): no test may reach the Hub.
@@ -114,6 +115,17 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
                 param.copy_(1.0 + noise)
             else:
                 param.copy_(noise)
+
+
+def randomize_head_proj(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Converted contextual models start with A = 0; a copy whose A is non-zero, so a(x) really depends on x."""
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "head_proj" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids
+from conftest import VOCAB, random_ids, randomize_head_proj
 from transformers import DynamicCache
 
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, cache_bytes, measured_kv_bytes_per_token
@@ -18,17 +18,6 @@ VARIANTS = {
     "rank_reduced": {"rank_k": 1, "rank_v": 1},
     "rank_reduced_contextual_q": {"rank_k": 1, "rank_v": 2, "rank_q": 3, "contextual": True},
 }
-
-
-def randomize_head_proj(model: FactorConvForCausalLM, seed: int, std: float = 0.05) -> FactorConvForCausalLM:
-    """Converted contextual models start with A = 0; give A non-zero values so a(x) really depends on x."""
-    model = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "head_proj" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return model
 
 
 @pytest.fixture(scope="module")
