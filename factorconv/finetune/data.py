@@ -49,12 +49,19 @@ def _datasets_available() -> bool:
     return True
 
 
+def _looks_like_a_path(source: str) -> bool:
+    """A missing local path, not a dataset name ('name', 'org/name', 'name:config')."""
+    return Path(source).is_absolute() or source.startswith((".", "~")) or Path(source).suffix in SUFFIXES
+
+
 def resolve_sources(sources: list[str]) -> list[tuple[str, list[Path]]]:
     """(source, files) for every source; files is [] for a `datasets` name. Checked on every process."""
     resolved = []
     for source in sources:
         files = find_files(source)
         if not files:
+            if _looks_like_a_path(source):
+                raise FactorConvError(f"no training data found at {source}: no such file or folder")
             if not _datasets_available():
                 raise FactorConvError(
                     f"no training data found at {source}: not a file or folder "
