@@ -116,8 +116,9 @@ def test_gradient_checkpointing_on_a_padded_batch(models, kind):
     for checkpointing in (False, True):
         model = copy.deepcopy(models[kind])
         model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
+        if checkpointing:  # transformers 5.23 renamed gradient_checkpointing_enable
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))

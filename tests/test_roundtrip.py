@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import factorconv
 import yaml
@@ -96,7 +97,9 @@ def sharded(converted):
     return converted("llama_gqa", max_shard_size="20KB", contextual=True)
 
 
-def run_without_factorconv(tmp_path: Path, folders: list[Path], ids: torch.Tensor) -> tuple[dict, Path]:
+def run_without_factorconv(
+    tmp_path: Path, folders: list[Path], ids: torch.Tensor, python: str = sys.executable
+) -> tuple[dict, Path]:
     """Load each folder with trust_remote_code in a fresh interpreter, run from outside the repo, where
     `import factorconv` fails (a shadowing package that raises ImportError comes first on sys.path)."""
     shadow = tmp_path / "shadow"
@@ -110,7 +113,7 @@ def run_without_factorconv(tmp_path: Path, folders: list[Path], ids: torch.Tenso
     results = work / "results"
     results.mkdir()
     proc = subprocess.run(
-        [sys.executable, "child.py", "jobs.json", "ids.npy", str(results)],
+        [python, "child.py", "jobs.json", "ids.npy", str(results)],
         cwd=work,
         env=_child_env(tmp_path, shadow),
         stdin=subprocess.DEVNULL,
@@ -153,6 +156,34 @@ def test_loads_with_remote_code_where_factorconv_is_missing(tmp_path, converted,
     report, results = run_without_factorconv(tmp_path, folders, ids)
     assert_same_as_in_process(report, results, folders, ids, load_model)
     assert sum("tokenizer" in report[str(f)] for f in folders) == 2  # the two llama_gqa conversions carry one
+
+
+@pytest.mark.skipif(not os.environ.get("FACTORCONV_OTHER_PYTHON"), reason="FACTORCONV_OTHER_PYTHON not set (CI sets it)")
+def test_folders_written_here_load_under_the_other_transformers_release(tmp_path, converted, load_model):
+    """CI runs the suite on the oldest and the newest transformers the range admits; each loads the other's work."""
+    python = os.environ["FACTORCONV_OTHER_PYTHON"]
+    other = subprocess.run(
+        [python, "-c", "import transformers; print(transformers.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    assert other and other != transformers.__version__, (other, transformers.__version__)
+    folders = [
+        converted("llama_gqa", contextual=True, rank_k=1),
+        converted("qwen2_gqa", to="mfa", key_dim=12, value_dim=20),
+        converted("llama3_rope", to="mfa_kr", rope_dim=16, nope_dim=24),
+    ]
+    ids = random_ids(2, 12, seed=82)
+    report, results = run_without_factorconv(tmp_path, folders, ids, python=python)
+    assert_same_as_in_process(report, results, folders, ids, load_model)
+
+
+def test_legacy_layer_types_are_read():
+    """Folders written before the stock cache layers name a custom layer type; they load as full attention."""
+    from factorconv.modeling import FactorConvConfig
+
+    config = FactorConvConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, layer_types=["factorconv"] * 2)
+    assert not hasattr(config, "layer_types")
+    with pytest.raises(ValueError, match="full attention"):
+        FactorConvConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, layer_types=["sliding_attention"] * 2)
 
 
 def test_loads_without_remote_code_once_factorconv_is_imported(tmp_path, converted, load_model):
