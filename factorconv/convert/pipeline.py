@@ -2,12 +2,12 @@
 
 import logging
 import shutil
-import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..errors import FactorConvError
+from ..output_folder import check_output, output_lock, publish, sigterm_as_interrupt, staging_folder
 from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
 from .calibrate import LayerwiseRunner, calibration_tokens
@@ -29,11 +29,9 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     With calibration data the source runs alongside, one layer at a time: each layer is factorized from its
     statistics, optionally refined on its activations, and its attention-output error is measured.
     """
-    output = Path(options.output)
-    if output.exists() and not options.overwrite:
-        raise FactorConvError(f"output folder {output} exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise FactorConvError(f"output {output} is a file, not a folder; pass another output path")
+    output = Path(options.output).expanduser()
+    local_source = Path(options.source).expanduser()
+    check_output(output, [local_source] if local_source.exists() else [], options.overwrite)
     device = resolve_device(options.device)
     max_shard = parse_size(options.max_shard_size)
     source = SourceCheckpoint(resolve_source(options.source, options.revision))
@@ -45,48 +43,45 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     dtype = output_dtype(options, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        writer = ShardedWriter(staging, max_shard)
-        reports: list[LayerReport] = []
-        read = source.reader()
-        for name in tqdm(source.names, desc="converting", unit="tensor", disable=not progress):
-            match = ATTENTION_TENSOR.match(name)
-            if match:
-                layer = int(match.group(1))
-                if reports and reports[-1].layer == layer:
-                    continue  # this layer's attention was converted when its first tensor came up
-                acts = next(runner) if runner is not None else None
-                stats = None
-                if acts is not None and options.uses_statistics:
-                    stats = LayerStatistics(acts.moment(), options.query_aware, acts, options.init == "als")
-                result = convert_attention(read, layer, config, device, stats)
-                if result.rope_pairs is not None:
-                    config.rope_pair_index[layer] = result.rope_pairs
-                if acts is not None:
-                    refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
-                    result.tensors = refined.tensors
-                    result.report.attention_error = refined.error_before
-                    if options.layer_refine_steps:
-                        result.report.refined_attention_error = refined.error_after
-                reports.append(result.report)
-                for target_name, tensor in result.tensors.items():
-                    writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
-            elif not name.endswith(SKIPPED_TENSOR_SUFFIXES):
-                writer.add(name, source.tensor(name).to(dtype))
-        if len(reports) != config.num_hidden_layers:
-            raise FactorConvError(
-                f"{source.folder} has attention weights for {len(reports)} of {config.num_hidden_layers} layers"
-            )
-        writer.close()
-        write_artifacts(staging, source.folder, config, options, reports)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with sigterm_as_interrupt(), output_lock(output):  # one run per OUT; SIGTERM cleans up like Ctrl-C
+        staging = staging_folder(output)
+        try:
+            writer = ShardedWriter(staging, max_shard)
+            reports: list[LayerReport] = []
+            read = source.reader()
+            for name in tqdm(source.names, desc="converting", unit="tensor", disable=not progress):
+                match = ATTENTION_TENSOR.match(name)
+                if match:
+                    layer = int(match.group(1))
+                    if reports and reports[-1].layer == layer:
+                        continue  # this layer's attention was converted when its first tensor came up
+                    acts = next(runner) if runner is not None else None
+                    stats = None
+                    if acts is not None and options.uses_statistics:
+                        stats = LayerStatistics(acts.moment(), options.query_aware, acts, options.init == "als")
+                    result = convert_attention(read, layer, config, device, stats)
+                    if result.rope_pairs is not None:
+                        config.rope_pair_index[layer] = result.rope_pairs
+                    if acts is not None:
+                        refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
+                        result.tensors = refined.tensors
+                        result.report.attention_error = refined.error_before
+                        if options.layer_refine_steps:
+                            result.report.refined_attention_error = refined.error_after
+                    reports.append(result.report)
+                    for target_name, tensor in result.tensors.items():
+                        writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
+                elif not name.endswith(SKIPPED_TENSOR_SUFFIXES):
+                    writer.add(name, source.tensor(name).to(dtype))
+            if len(reports) != config.num_hidden_layers:
+                raise FactorConvError(
+                    f"{source.folder} has attention weights for {len(reports)} of {config.num_hidden_layers} layers"
+                )
+            writer.close()
+            write_artifacts(staging, source.folder, config, options, reports)
+            publish(staging, output, options.overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     logger.info("wrote %s", output)
     return output

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.source import resolve_source
 from ..errors import FactorConvError
+from ..output_folder import check_output_path, refuse_foreign
 from . import data as data_lib
 from .loss import distillation_loss
 from .options import RESUMABLE_CHANGES, FinetuneOptions
@@ -211,18 +212,13 @@ class _Run:
 
     def check_output(self) -> None:
         o, out = self.options, self.out
-        if out.exists() and not out.is_dir():
-            raise FactorConvError(f"output {out} is a file, not a folder; pass another output path")
-        inputs = [self.model_folder] + ([self.teacher_folder] if self.teacher_folder else [])
-        for folder in inputs:
-            here, there = out.resolve(), folder.resolve()
-            if here == there or here in there.parents:
-                raise FactorConvError(f"output {out} would overwrite the input model {folder}; pass another output")
+        check_output_path(out, [self.model_folder] + ([self.teacher_folder] if self.teacher_folder else []))
         used = out.is_dir() and any(out.iterdir())
         if used and not (o.resume or o.overwrite):
             raise FactorConvError(
                 f"output folder {out} exists; pass --resume to continue its training or --overwrite to replace it"
             )
+        refuse_foreign(out)
         # A run that fails before its first step removes what it created (not a folder it resumes).
         self.created = not used or o.overwrite
         self.accelerator.wait_for_everyone()
