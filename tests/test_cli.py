@@ -254,13 +254,38 @@ def test_invalid_config_json(broken_source, parent):
     assert_clean_failure(run("convert", source, parent / "out"), parent, "cannot read", "config.json")
 
 
-def test_missing_layers_cleans_staging(broken_source, parent):
-    """An error found only after writing started still leaves no output and no staging folder."""
+def test_missing_layers(broken_source, parent):
     source = broken_source()
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (source / "config.json").write_text(json.dumps(config))
-    assert_clean_failure(run("convert", source, parent / "out"), parent, "attention weights for 2 of 3 layers")
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "lacks model.layers.2.", "incomplete")
+
+
+def _rewrite_weights(source, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(source / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_or_unexpected_tensors(broken_source, parent):
+    """A checkpoint without a tensor the architecture needs (or with one it does not use) never converts."""
+    source = broken_source()
+    _rewrite_weights(source, lambda t: t.pop("model.norm.weight"))
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "lacks model.norm.weight", "incomplete")
+    shutil.rmtree(source)
+    source = broken_source()
+    _rewrite_weights(source, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}))
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "q_norm.weight", "does not use")
+
+
+def test_non_finite_weights_clean_staging(broken_source, parent):
+    """Found only after writing started (norm.weight is read last): still no output and no staging folder."""
+    source = broken_source()
+    _rewrite_weights(source, lambda t: t["model.norm.weight"].__setitem__(0, float("nan")))
+    assert_clean_failure(run("convert", source, parent / "out"), parent, "model.norm.weight", "NaN or inf")
 
 
 def test_source_is_a_file(source_dirs, parent):
@@ -424,3 +449,34 @@ def test_load_tokens(tmp_path):
         load_tokens(npy, max_tokens=1)
     with pytest.raises(FactorConvError, match="not found"):
         load_tokens(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("case", ["float_npy", "object_npy", "corrupt_npy", "latin1_txt"])
+def test_bad_token_files_for_eval(converted, tmp_path, case):
+    """Data that would silently become token 0, unpickle, or crash the tokenizer: one line instead."""
+    data = tmp_path / ("data.txt" if case.endswith("txt") else "data.npy")
+    if case == "float_npy":
+        np.save(data, np.linspace(3.2, 90.7, 64))
+    elif case == "object_npy":
+        np.save(data, np.array([{"ids": [1, 2]}], dtype=object), allow_pickle=True)
+    elif case == "corrupt_npy":
+        data.write_bytes(b"\x93NUMPY garbage")
+    else:
+        data.write_bytes("caf\xe9 w3 w4".encode("latin-1"))
+    needle = {"float_npy": "token ids must be integers", "object_npy": "not a readable .npy",
+              "corrupt_npy": "not a readable .npy", "latin1_txt": "not UTF-8"}[case]
+    assert_clean_failure(run("eval", converted("llama_gqa"), "--data", data), None, needle)
+
+
+def test_non_finite_perplexity_is_an_error(converted, tmp_path):
+    """A model with corrupted weights does not print `nan` as its perplexity."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(converted("llama_gqa"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"][:] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "ids.npy"
+    np.save(data, random_ids(1, 64, seed=3).numpy())
+    assert_clean_failure(run("eval", folder, "--data", data), None, "non-finite", "corrupt")

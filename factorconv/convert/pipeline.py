@@ -35,6 +35,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     device = resolve_device(options.device)
     max_shard = parse_size(options.max_shard_size)
     source = SourceCheckpoint(resolve_source(options.source, options.revision))
+    source.check_complete()
     tokens = None
     if options.calib is not None:
         tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len)

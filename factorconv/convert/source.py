@@ -109,11 +109,37 @@ class SourceCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         try:
             with safe_open(self._file_of[name], framework="pt") as f:
-                return f.get_tensor(name)
+                tensor = f.get_tensor(name)
         except KeyError:
             raise FactorConvError(f"tensor {name} not found in {self.folder}") from None
         except (SafetensorError, OSError) as err:
             raise FactorConvError(f"cannot read {name} from {self._file_of[name].name}: {err}") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FactorConvError(f"tensor {name} in {self._file_of[name].name} has NaN or inf values; re-download it")
+        return tensor
+
+    def check_complete(self) -> None:
+        """Every tensor the architecture needs is there and none it does not know (e.g. a spoofed
+        `architectures`), so a truncated index cannot convert into a model with randomly initialised weights."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            expected = set(AutoModelForCausalLM.from_config(self.config).state_dict())
+        optional = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
+        present = {name for name in self._file_of if not name.endswith("rotary_emb.inv_freq")}
+        missing = sorted(expected - optional - present, key=_natural_key)
+        unexpected = sorted(present - expected, key=_natural_key)
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise FactorConvError(
+                f"{self.folder} lacks {missing[0]}{more} that {self.architecture} needs; the checkpoint is incomplete"
+            )
+        if unexpected:
+            more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+            raise FactorConvError(
+                f"{self.folder} has {unexpected[0]}{more}, which {self.architecture} does not use; "
+                "is `architectures` in config.json right?"
+            )
 
     def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:

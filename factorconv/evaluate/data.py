@@ -9,22 +9,36 @@ import torch
 from ..errors import FactorConvError
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FactorConvError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+
+
 def load_tokens(path: Path, tokenizer=None, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the file; text is tokenized with the model's tokenizer (BOS once per document)."""
     if not path.is_file():
         raise FactorConvError(f"data file {path} not found")
     if path.suffix == ".npy":
-        ids = torch.from_numpy(np.load(path).astype(np.int64)).flatten()
+        try:
+            array = np.load(path, allow_pickle=False)  # never unpickle data files
+        except (ValueError, OSError) as err:
+            raise FactorConvError(f"{path} is not a readable .npy array of token ids: {err}") from None
+        if not np.issubdtype(array.dtype, np.integer):
+            raise FactorConvError(f"{path} holds {array.dtype} values; token ids must be integers (save them as int64)")
+        ids = torch.from_numpy(array.astype(np.int64)).flatten()
     else:
         if tokenizer is None:
             raise FactorConvError(f"{path} is text but no tokenizer was found next to the model; pass --compare SOURCE")
+        text = _read_text(path)
         if path.suffix == ".jsonl":
             try:
-                documents = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+                documents = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise FactorConvError(f"{path}: every line must be a JSON object with a 'text' field") from None
         else:
-            documents = [path.read_text()]
+            documents = [text]
         ids = torch.tensor([i for doc in documents for i in tokenizer(doc)["input_ids"]], dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -6,6 +6,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..errors import FactorConvError
+
 
 @torch.no_grad()
 def perplexity(
@@ -38,4 +40,9 @@ def perplexity(
         total_tokens += int(keep.sum())
         bar.update(len(batch))
     bar.close()
-    return math.exp(total_nll / total_tokens)
+    mean = total_nll / total_tokens
+    if not math.isfinite(mean):
+        raise FactorConvError(
+            f"{type(model).__name__} gives non-finite losses (NaN or inf) on this data; its weights are corrupt"
+        )
+    return math.exp(mean)
