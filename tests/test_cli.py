@@ -350,7 +350,7 @@ def test_bad_max_shard_size(source_dirs, parent, size):
 
 def test_nonexistent_source_path(tmp_path, parent):
     missing = tmp_path / "no" / "such" / "model"
-    assert_clean_failure(run("convert", missing, parent / "out"), parent, str(missing), "neither a local folder")
+    assert_clean_failure(run("convert", missing, parent / "out"), parent, str(missing), "no such folder")
 
 
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="only offline: never reach the Hub")
@@ -480,3 +480,19 @@ def test_non_finite_perplexity_is_an_error(converted, tmp_path):
     data = tmp_path / "ids.npy"
     np.save(data, random_ids(1, 64, seed=3).numpy())
     assert_clean_failure(run("eval", folder, "--data", data), None, "non-finite", "corrupt")
+
+
+def test_relative_path_typo_is_not_a_hub_id(parent, monkeypatch):
+    """'../x' and './x' look like 'org/model' to a regex; they are missing folders, said in one line."""
+    monkeypatch.chdir(parent)
+    for typo in ("../stories260K-hf", "./nothing/here", "~/nothing"):
+        assert_clean_failure(run("convert", typo, "out"), parent, "no such folder")
+
+
+def test_source_recorded_as_an_absolute_path(source_dirs, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(source_dirs["llama_gqa"].parent)
+    assert run("convert", source_dirs["llama_gqa"].name, tmp_path / "out").exit_code == 0
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["source_model"]
+    assert os.path.isabs(recorded) and recorded == str(source_dirs["llama_gqa"].resolve())

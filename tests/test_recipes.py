@@ -178,7 +178,7 @@ def test_missing_source_and_broken_files(tmp_path):
     assert "not found" in one_error_line(cli("validate", tmp_path / "nope.yaml"))
     path.write_text(yaml.safe_dump(GOOD))
     line = one_error_line(cli("validate", path, "--set", "source.model=no/such/local/folder"))
-    assert "neither a local folder nor a Hub id" in line
+    assert "no such folder, and not a valid Hub id" in line
     # `source: org/model` is short for `source: {model: org/model}`; `--set` overrides what the file says.
     recipe = parse_recipe({**GOOD, "source": "Qwen/Qwen2.5-0.5B"}, ["source.revision=v1", "target.kv_budget=0.5"])
     assert (recipe.source.model, recipe.source.revision) == ("Qwen/Qwen2.5-0.5B", "v1")

@@ -23,19 +23,33 @@ def resolve_source(source: str, revision: str | None = None, weights: bool = Tru
         if not path.is_dir():
             raise FactorConvError(f"source {source} is a file; pass the model folder that holds config.json")
         return path
-    if not _HUB_ID.match(source):
-        raise FactorConvError(f"source {source} is neither a local folder nor a Hub id like 'org/model'")
+    if not _HUB_ID.match(source) or source.startswith((".", "~")):
+        raise FactorConvError(f"source {source}: no such folder, and not a valid Hub id like 'org/model'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         patterns = HUB_PATTERNS if weights else ["config.json"]
         return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+    except HFValidationError:
+        raise FactorConvError(f"source {source}: no such folder, and not a valid Hub id like 'org/model'") from None
     except RepositoryNotFoundError:
         raise FactorConvError(f"Hub repo {source} not found (or gated: log in with `hf auth login`)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FactorConvError(f"could not download {source} from the Hub: {first_line}") from None
+
+
+def source_reference(source: str) -> str:
+    """How an output records its source: an absolute path for a local folder (so healing elsewhere finds the
+    teacher), the Hub id otherwise."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 class SourceCheckpoint:

@@ -7,7 +7,7 @@ import torch
 from ..errors import FactorConvError
 from ..modeling import FactorConvConfig
 from ..recipe import ConvertOptions
-from .source import SourceCheckpoint
+from .source import SourceCheckpoint, source_reference
 
 logger = logging.getLogger("factorconv")
 
@@ -110,7 +110,7 @@ def build_target_config(
         rope_dim=options.rope_dim,
         nope_dim=options.nope_dim,
         query_rank=options.query_rank,
-        source_model=options.source,
+        source_model=source_reference(options.source),
         source_revision=options.revision,
         source_architecture=source.architecture,
         architectures=["FactorConvForCausalLM"],
