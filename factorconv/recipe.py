@@ -5,10 +5,10 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FactorConvError
 
@@ -18,6 +18,18 @@ TARGET_OPTIONS: dict[str, set[str]] = {
     "mfa": {"key_dim", "value_dim", "query_rank"},
     "mfa_kr": {"rope_dim", "nope_dim", "query_rank"},
 }
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device_name(name: str) -> str:
+    """Catch a misspelt device when the recipe is validated; whether it exists here is checked at run time."""
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto")
+    return name
+
+
+DeviceName = Annotated[str, AfterValidator(_device_name)]
 
 
 class ConvertOptions(BaseModel):
@@ -60,7 +72,7 @@ class ConvertOptions(BaseModel):
     )
     dtype: DType = "auto"
     max_shard_size: str = "2GB"
-    device: str = "cpu"
+    device: DeviceName = "cpu"
     overwrite: bool = False
 
     @field_validator("to", mode="before")
@@ -194,7 +206,7 @@ class Recipe(_Section):
     eval: EvalSection | None = None
     output: OutputSection
     push: PushSection | None = None
-    device: str = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto (convert and eval)")
+    device: DeviceName = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto (convert and eval)")
 
     def to_yaml(self) -> str:
         """The recipe as written (after overrides), normalised: reloading it gives the same recipe."""

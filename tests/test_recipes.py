@@ -155,6 +155,7 @@ GOOD = {
         (["finetune.model=x", "finetune.data=x.txt"], ["finetune.model", "set by `factorconv run`"]),
         (["finetune.data=x.txt", "finetune.tokens=5", "finetune.steps=5"], ["finetune", "finetune.tokens or finetune.steps"]),
         (["target.kind.x=1"], ["--set target.kind.x", "target.kind is a value, not a section"]),
+        (["device=quantum"], ["device", "unknown device 'quantum'", "cpu, cuda"]),
         (["target.kv_budget"], ["--set 'target.kv_budget'", "KEY.PATH=VALUE"]),
     ],
 )
