@@ -72,11 +72,11 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:  # it exists, as someone else's process
+        pass
     return True
 
 
@@ -139,8 +139,7 @@ def publish(staging: Path, output: Path, overwrite: bool) -> None:
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise FactorConvError(f"output folder {output} appeared while converting; pass --overwrite to replace it")
-        if not is_factorconv_output(output):
-            raise FactorConvError(f"output folder {output} is not a factorconv output; it was left as it is")
+        refuse_foreign(output)
         old = output.parent / f".{output.name}.partial-old-{uuid.uuid4().hex[:8]}"
         output.rename(old)  # the previous result stays whole until the new one is in place
         staging.rename(output)

@@ -15,12 +15,11 @@ from .device import resolve_device
 from .layers import ATTENTION_TENSOR, LayerReport, LayerStatistics, convert_attention
 from .plan import allocate_widths
 from .refine import refine_layer
-from .source import SourceCheckpoint, resolve_source
+from .source import UNUSED_TENSOR_SUFFIXES, SourceCheckpoint, resolve_source
 from .target import build_target_config, output_dtype
 from .writer import ShardedWriter, parse_size
 
 logger = logging.getLogger("factorconv")
-SKIPPED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def convert(options: ConvertOptions, progress: bool = True) -> Path:
@@ -72,7 +71,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                     reports.append(result.report)
                     for target_name, tensor in result.tensors.items():
                         writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
-                elif not name.endswith(SKIPPED_TENSOR_SUFFIXES):
+                elif not name.endswith(UNUSED_TENSOR_SUFFIXES):
                     writer.add(name, source.tensor(name).to(dtype))
             if len(reports) != config.num_hidden_layers:
                 raise FactorConvError(

@@ -14,6 +14,16 @@ from ..errors import FactorConvError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Tensors some checkpoints carry that no model reads (old transformers saved the RoPE table).
+UNUSED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _not_found(source: str) -> FactorConvError:
+    return FactorConvError(f"source {source}: no such folder, and not a valid Hub id like 'org/model'")
+
+
+def _first_of(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def resolve_source(source: str, revision: str | None = None, weights: bool = True) -> Path:
@@ -24,7 +34,7 @@ def resolve_source(source: str, revision: str | None = None, weights: bool = Tru
             raise FactorConvError(f"source {source} is a file; pass the model folder that holds config.json")
         return path
     if not _HUB_ID.match(source) or source.startswith((".", "~")):
-        raise FactorConvError(f"source {source}: no such folder, and not a valid Hub id like 'org/model'")
+        raise _not_found(source)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -37,7 +47,7 @@ def resolve_source(source: str, revision: str | None = None, weights: bool = Tru
         patterns = HUB_PATTERNS if weights else ["config.json"]
         return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
     except HFValidationError:
-        raise FactorConvError(f"source {source}: no such folder, and not a valid Hub id like 'org/model'") from None
+        raise _not_found(source) from None
     except RepositoryNotFoundError:
         raise FactorConvError(f"Hub repo {source} not found (or gated: log in with `hf auth login`)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
@@ -140,18 +150,16 @@ class SourceCheckpoint:
         with torch.device("meta"):
             expected = set(AutoModelForCausalLM.from_config(self.config).state_dict())
         optional = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
-        present = {name for name in self._file_of if not name.endswith("rotary_emb.inv_freq")}
+        present = {name for name in self._file_of if not name.endswith(UNUSED_TENSOR_SUFFIXES)}
         missing = sorted(expected - optional - present, key=_natural_key)
         unexpected = sorted(present - expected, key=_natural_key)
         if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise FactorConvError(
-                f"{self.folder} lacks {missing[0]}{more} that {self.architecture} needs; the checkpoint is incomplete"
+                f"{self.folder} lacks {_first_of(missing)} that {self.architecture} needs; the checkpoint is incomplete"
             )
         if unexpected:
-            more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
             raise FactorConvError(
-                f"{self.folder} has {unexpected[0]}{more}, which {self.architecture} does not use; "
+                f"{self.folder} has {_first_of(unexpected)}, which {self.architecture} does not use; "
                 "is `architectures` in config.json right?"
             )
 

@@ -48,7 +48,7 @@ def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
     """
     for key in ("cache", "past_key_values"):
         if key in kwargs:
-            if key != CACHE_KEY and key == "past_key_values":
+            if key == "past_key_values" != CACHE_KEY:
                 warnings.warn("`past_key_values` is deprecated, pass the cache as `cache`", FutureWarning, stacklevel=3)
             other = kwargs.pop(key)
             if cache is not None and other is not None:
@@ -146,10 +146,6 @@ class TensorProduct(nn.Module):
         self.basis = nn.Linear(hidden_size, rank * head_dim, bias=bias)
         self.head_mix = nn.Parameter(torch.zeros(rank, num_heads))
         self.head_proj = nn.Linear(hidden_size, rank * num_heads, bias=False) if contextual else None
-
-    @property
-    def contextual(self) -> bool:
-        return self.head_proj is not None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(b(x), a): the basis (..., R, D) and the head factors, (..., R, H) per token when contextual, else α.
