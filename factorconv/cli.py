@@ -18,8 +18,22 @@ def _options_error(err: ValidationError) -> str:
     return f"invalid {where}: {message}" if where else message
 
 
+def _quiet(ctx: click.Context, param: click.Parameter, quiet: bool) -> None:
+    if quiet:
+        ctx.obj["progress"] = False
+        transformers_logging.disable_progress_bar()
+
+
 class _Commands(click.Group):
-    """Turns a command's FactorConvError or invalid options into one `Error: ...` line and exit code 1."""
+    """Turns a command's FactorConvError or invalid options into one `Error: ...` line and exit code 1.
+
+    Every command also takes `-q` after its name (`factorconv convert ... -q`), as well as before it.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_quiet,
+                                       help="No progress bars."))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
         try:

@@ -45,7 +45,27 @@ def folder_problems(folder: Path) -> list[str]:
         problems.append("config.json has no auto_map (the model would not load with trust_remote_code)")
     problems += [f"missing modeling file {name}" for name in MODELING_FILES if not (folder / name).is_file()]
     problems += _weight_problems(folder)
-    return problems
+    return problems or _architecture_problems(folder, config)
+
+
+def _architecture_problems(folder: Path, config: dict) -> list[str]:
+    """Tensors the architecture needs but the weights lack (transformers would initialise them at random)."""
+    import torch
+
+    from .modeling import FactorConvConfig, FactorConvForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = set(FactorConvForCausalLM(FactorConvConfig(**config)).state_dict())
+    except (TypeError, ValueError) as err:
+        return [f"config.json does not describe a factorconv model ({str(err).splitlines()[0]})"]
+    if config.get("tie_word_embeddings"):
+        expected.discard("lm_head.weight")
+    index = folder / INDEX_FILE
+    names = set(json.loads(index.read_text())["weight_map"]) if index.is_file() else _keys(folder / SINGLE_FILE)
+    return [f"the weights lack {name}, which the architecture needs" for name in sorted(expected - names)] + [
+        f"the weights hold {name}, which the architecture does not use" for name in sorted(names - expected)
+    ]
 
 
 def _weight_problems(folder: Path) -> list[str]:
@@ -127,7 +147,9 @@ def push(
         raise FactorConvError(f"repo id {repo_id!r} is not of the form 'user-or-org/name'")
     folder = Path(folder)
     check_complete(folder)
-    api = api or HfApi()
+    if api is None:
+        require_token()
+        api = HfApi()
     branch = revision if revision not in (None, "main") else None
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)

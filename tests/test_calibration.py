@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig
 from click.testing import CliRunner
 from conftest import random_ids
 
@@ -195,7 +196,7 @@ def test_too_little_calibration_data_is_one_clear_error(source_dirs, tmp_path):
     assert result.exit_code != 0 and "fewer than 2 sequences" in result.output
     assert not (tmp_path / "out").exists()
     with pytest.raises(FactorConvError, match="fewer than 2 sequences"):
-        calibration_tokens(str(path), source_dirs["llama_gqa"], 4, 16)
+        calibration_tokens(str(path), source_dirs["llama_gqa"], 4, 16, AutoConfig.from_pretrained(source_dirs["llama_gqa"]))
 
 
 def test_plan_from_config_alone(source_dirs, tmp_path):

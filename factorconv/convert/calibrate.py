@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from ..errors import FactorConvError
-from ..evaluate.data import dataset_tokens, load_tokens
+from ..evaluate.data import check_token_ids, dataset_tokens, load_tokens
 from .source import SourceCheckpoint
 
 
-def calibration_tokens(spec: str, folder: Path, samples: int, seq_len: int) -> torch.Tensor:
+def calibration_tokens(spec: str, folder: Path, samples: int, seq_len: int, config: PreTrainedConfig) -> torch.Tensor:
     """(N, seq_len) token windows from a .txt/.jsonl/.npy file or a `datasets` name, tokenized for the source."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise FactorConvError(f"--calib-seq-len {seq_len} exceeds the model's context of {context} tokens")
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in (".txt", ".jsonl", ".npy", ".json"):
         tokenizer = None
@@ -32,6 +35,7 @@ def calibration_tokens(spec: str, folder: Path, samples: int, seq_len: int) -> t
         stream = load_tokens(path, tokenizer, max_tokens=samples * seq_len)
     else:
         stream = _dataset_tokens(spec, folder, samples * seq_len)
+    check_token_ids(stream, config.vocab_size, f"calibration data {spec}")
     count = min(samples, stream.numel() // seq_len)
     if count < 2:
         raise FactorConvError(

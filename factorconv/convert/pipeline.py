@@ -37,7 +37,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     source.check_complete()
     tokens = None
     if options.calib is not None:
-        tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len)
+        tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len, source.config)
     plans = allocate_widths(options, source, tokens, device) if options.kv_budget is not None else None
     config = build_target_config(source, options, plans)
     dtype = output_dtype(options, source)

@@ -177,7 +177,7 @@ def make_plan(options: ConvertOptions) -> PlanReport:
     source = SourceCheckpoint(folder, require_weights=options.calib is not None)
     tokens = None
     if options.calib is not None:
-        tokens = calibration_tokens(options.calib, folder, options.calib_samples, options.calib_seq_len)
+        tokens = calibration_tokens(options.calib, folder, options.calib_samples, options.calib_seq_len, source.config)
     plans = allocate_widths(options, source, tokens, device)
     config = build_target_config(source, options, plans)
     size = output_dtype(options, source).itemsize

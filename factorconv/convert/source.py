@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
-from ..errors import FactorConvError
+from ..errors import FactorConvError, first_of
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
@@ -20,10 +20,6 @@ UNUSED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _not_found(source: str) -> FactorConvError:
     return FactorConvError(f"source {source}: no such folder, and not a valid Hub id like 'org/model'")
-
-
-def _first_of(names: list[str]) -> str:
-    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def resolve_source(source: str, revision: str | None = None, weights: bool = True) -> Path:
@@ -155,11 +151,11 @@ class SourceCheckpoint:
         unexpected = sorted(present - expected, key=_natural_key)
         if missing:
             raise FactorConvError(
-                f"{self.folder} lacks {_first_of(missing)} that {self.architecture} needs; the checkpoint is incomplete"
+                f"{self.folder} lacks {first_of(missing)} that {self.architecture} needs; the checkpoint is incomplete"
             )
         if unexpected:
             raise FactorConvError(
-                f"{self.folder} has {_first_of(unexpected)}, which {self.architecture} does not use; "
+                f"{self.folder} has {first_of(unexpected)}, which {self.architecture} does not use; "
                 "is `architectures` in config.json right?"
             )
 

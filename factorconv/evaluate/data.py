@@ -16,8 +16,20 @@ def _read_text(path: Path) -> str:
         raise FactorConvError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
+    """Ids from another tokenizer would index past the embedding table: say so instead."""
+    if tokens.numel() and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        raise FactorConvError(
+            f"{what} has token id {bad} but the model's vocabulary has {vocab_size} entries; "
+            "tokenize the data with this model's tokenizer"
+        )
+
+
 def load_tokens(path: Path, tokenizer=None, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the file; text is tokenized with the model's tokenizer (BOS once per document)."""
+    if path.is_dir():
+        raise FactorConvError(f"data {path} is a folder; pass a .txt, .jsonl or .npy file")
     if not path.is_file():
         raise FactorConvError(f"data file {path} not found")
     if path.suffix == ".npy":

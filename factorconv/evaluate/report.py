@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..convert.source import resolve_source
-from ..errors import FactorConvError
-from .data import load_tokens
+from ..errors import FactorConvError, first_of
+from .data import check_token_ids, load_tokens
 from .kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from .perplexity import perplexity
 
@@ -28,10 +28,19 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> PreTrain
     """Load a source or converted folder (factorconv's classes are registered on import)."""
     import factorconv  # noqa: F401  (registers the Auto classes)
 
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise FactorConvError(
+            f"{path} holds only pickled .bin weights, which factorconv never loads; "
+            "re-save it with save_pretrained (safetensors) first"
+        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
     except (OSError, ValueError) as err:
         raise FactorConvError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
+    if info["missing_keys"]:
+        raise FactorConvError(f"{path} lacks {first_of(sorted(info['missing_keys']))}; the checkpoint is incomplete")
     return model.to(device).eval()
 
 
@@ -76,11 +85,7 @@ def evaluate(
     for label, name in runs:
         folder = folders[name]
         model = load_model(folder, device, DTYPES[dtype])
-        if int(tokens.max()) >= model.config.vocab_size:
-            raise FactorConvError(
-                f"{data} has token id {int(tokens.max())} but {folder.name}'s vocabulary has "
-                f"{model.config.vocab_size} entries; tokenize the data with this model's tokenizer"
-            )
+        check_token_ids(tokens, model.config.vocab_size, str(data))
         length = seq_len or min(model.config.max_position_embeddings, 2048)
         if length > model.config.max_position_embeddings:
             raise FactorConvError(

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.source import resolve_source
 from ..errors import FactorConvError
+from ..evaluate.data import check_token_ids
 from ..output_folder import check_output_path, refuse_foreign
 from . import data as data_lib
 from .loss import distillation_loss
@@ -291,11 +292,8 @@ class _Run:
         eval_stream = _on_main_then_all(self.accelerator, build(eval_sources, eval_cap)) if eval_sources else None
         vocab = self.config.vocab_size
         for name, tokens in (("--data", stream), ("--eval-data", eval_stream)):
-            if tokens is not None and int(tokens.max()) >= vocab:
-                raise FactorConvError(
-                    f"{name} has token id {int(tokens.max())} but the model's vocabulary has {vocab} entries; "
-                    "tokenize the data with this model's tokenizer"
-                )
+            if tokens is not None:
+                check_token_ids(tokens, vocab, name)
         self.split = data_lib.split_blocks(stream, self.seq_len, eval_stream, o.eval_fraction, o.eval_tokens)
         self.sampler = data_lib.BlockSampler(self.split.train.shape[0], o.batch_size, o.grad_accum, self.world, o.seed)
         per_step = o.batch_size * o.grad_accum * self.world
