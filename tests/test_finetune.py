@@ -183,6 +183,35 @@ def test_resume_equals_an_uninterrupted_run(tpa, tokens_file, tmp_path, monkeypa
     assert [p.name for p in (straight / CHECKPOINTS).iterdir()] == ["step-00000005", "step-00000010"]
 
 
+def test_interrupted_overwrite_keeps_the_previous_model(tpa, tokens_file, tmp_path, monkeypatch):
+    """--overwrite (what `run` uses when finetune options change) trains beside OUT and swaps at the end: an
+    interrupted re-run leaves the previous healed model whole; a finished one replaces it and leaves nothing."""
+    out = tmp_path / "healed"
+    finetune(options(tpa, out, tokens_file, steps=2), progress=False)
+    before = weights(out)
+    original = _Run.train_step
+
+    def interrupted(self, step):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, step)
+
+    monkeypatch.setattr(_Run, "train_step", interrupted)
+    with pytest.raises(Exception, match="stopped by SIGTERM.*still holds the previous model.*--overwrite"):
+        finetune(options(tpa, out, tokens_file, steps=4, lr=1e-2, overwrite=True), progress=False)
+    monkeypatch.setattr(_Run, "train_step", original)
+    after = weights(out)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert len(metrics(out)) == 3  # the first run's: before training and 2 steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]
+
+    finetune(options(tpa, out, tokens_file, steps=4, lr=1e-2, overwrite=True), progress=False)
+    replaced = weights(out)
+    assert any(not torch.equal(before[n], replaced[n]) for n in before)
+    assert metrics(out)[-1]["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]  # no staging folder left beside it
+
+
 def test_checkpoint_from_more_processes_resumes_with_more_accumulation(tpa, tokens_file, tmp_path, monkeypatch):
     """A checkpoint written by 2 processes × 1 micro-batch goes on in 1 process × 2 (same global batch and
     block order); any other split is refused with a clear message."""

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..convert.source import resolve_source
 from ..errors import FactorConvError
 from ..evaluate.data import check_token_ids
-from ..output_folder import check_output_path, refuse_foreign
+from ..output_folder import check_output_path, publish, refuse_foreign
 from . import data as data_lib
 from .loss import distillation_loss
 from .options import RESUMABLE_CHANGES, FinetuneOptions
@@ -204,7 +204,7 @@ class _StopRequest:
 class _Run:
     def __init__(self, options: FinetuneOptions, progress: bool) -> None:
         self.options, self.progress = options, progress
-        self.out = Path(options.output).expanduser()
+        self.out = self.final_out = Path(options.output).expanduser()  # out: where this run writes
         self.accelerator = _accelerator(options)
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -222,11 +222,14 @@ class _Run:
         refuse_foreign(out)
         # A run that fails before its first step removes what it created (not a folder it resumes).
         self.created = not used or o.overwrite
+        if used and o.overwrite:
+            # The previous result stays whole until this run's is complete: train beside it, swap at the end.
+            self.out = out.parent / f".{out.name}.partial-overwrite"
         self.accelerator.wait_for_everyone()
         if self.main:
-            if used and o.overwrite:
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
+            if self.out != out:
+                shutil.rmtree(self.out, ignore_errors=True)  # an interrupted --overwrite run's
+            self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
 
     def resolve_models(self) -> None:
@@ -552,6 +555,13 @@ class _Run:
             if stop:
                 bar.close()
                 name = signal.Signals(self.stop.signal).name if self.stop.signal else "a signal on another process"
+                if self.out != self.final_out:  # an --overwrite run cannot be resumed: drop what it wrote
+                    if self.main:
+                        shutil.rmtree(self.out, ignore_errors=True)
+                    raise FactorConvError(
+                        f"stopped by {name} after step {done} of {self.total}; {self.final_out} still holds the "
+                        "previous model; run again with --overwrite to replace it"
+                    )
                 raise FactorConvError(
                     f"stopped by {name} after step {done} of {self.total}; checkpoint saved in {where}; "
                     "run again with --resume to continue"
@@ -597,8 +607,10 @@ class _Run:
         if self.main:
             write_outputs(self, state, summary)
             plot_curves(self._metrics_path(), self.out)
+            if self.out != self.final_out:
+                publish(self.out, self.final_out, overwrite=True)
         self.accelerator.wait_for_everyone()
-        return self.out
+        return self.final_out
 
     def replica_checksums(self) -> list[str] | None:
         """One digest of the trained weights per process: equal when gradients were synchronised (not FSDP)."""

@@ -127,7 +127,7 @@ def write_outputs(run, state: dict[str, torch.Tensor], summary: dict) -> None:
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if getattr(run.config, "model_type", None) == "factorconv":
-            _card(staging, out.name, model_folder, recipe, report, summary)
+            _card(staging, run.final_out.name, model_folder, recipe, report, summary)
         if options.save_adapter:
             save_adapter(run, raw, staging / ADAPTER_DIR)
         for stale in list(out.glob("model*.safetensors")) + list(out.glob(INDEX_FILE)):
