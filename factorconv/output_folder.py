@@ -70,6 +70,11 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
         raise FactorConvError(f"a parent of output {output} is a file; pass another output path")
 
 
+def unwritable(output: Path, err: OSError) -> FactorConvError:
+    """Disk full, read-only filesystem, no permission: one line naming the folder and the fix."""
+    return FactorConvError(f"cannot write {output}: {err.strerror or err}; free space or pass a writable output path")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -87,10 +92,10 @@ def output_lock(output: Path) -> Iterator[None]:
     A lock whose process is gone (kill -9, OOM) is taken over; the staging folders of dead runs are removed.
     """
     output = Path(output).expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
     lock = output.parent / f".{output.name}.lock"
     for _ in range(2):
         try:
+            output.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
@@ -103,6 +108,8 @@ def output_lock(output: Path) -> Iterator[None]:
                 ) from None
             lock.unlink(missing_ok=True)  # left by a run that died
             continue
+        except OSError as err:
+            raise unwritable(output, err) from None
         with os.fdopen(fd, "w") as handle:
             handle.write(str(os.getpid()))
         break
@@ -130,7 +137,7 @@ def staging_folder(output: Path) -> Path:
     try:
         folder.mkdir()
     except OSError as err:
-        raise FactorConvError(f"cannot write beside {output}: {err.strerror}; pass a writable output path") from None
+        raise unwritable(output, err) from None
     return folder
 
 

@@ -493,3 +493,17 @@ def test_a_datasets_name_is_streamed_up_to_what_the_run_needs(tpa, tmp_path, mon
     summary = json.loads((out / SUMMARY_FILE).read_text())
     needed = 2 * 2 * SEQ / 0.95 + 64 + SEQ  # planned tokens, the held-out share, one block of slack
     assert len(rows_read) * 20 < needed + 40 and summary["train_blocks"] >= 4
+
+
+def test_disk_full_when_writing_the_healed_model(tpa, tokens_file, tmp_path, monkeypatch):
+    import errno
+
+    import factorconv.finetune.output as output
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output, "write_weights", full)
+    out = tmp_path / "healed"
+    one_line_error(run("finetune", tpa, out, "--data", tokens_file, "--steps", 2, "--seq-len", SEQ), "No space left")
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".model-partial-*"))

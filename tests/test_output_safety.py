@@ -172,3 +172,27 @@ def test_two_concurrent_converts_to_one_output(source_dirs, tmp_path, calib_toke
     lines = [line for line in second_err.splitlines() if line.strip()]
     assert len(lines) == 1 and "another factorconv run" in lines[0], second_err
     assert leftovers(tmp_path, "model") == [] and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["shard", "lock"])
+def test_disk_full_or_read_only_output(source_dirs, tmp_path, monkeypatch, where):
+    """A write that fails (disk full while writing shards, read-only folder for the lock): one line, no debris."""
+    import errno
+
+    import factorconv.convert.writer as writer
+    import factorconv.output_folder as output_folder
+
+    if where == "shard":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(writer, "save_file", full)
+        needle = "No space left on device"
+    else:
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(output_folder.os, "open", read_only)
+        needle = "Read-only file system"
+    result = run("convert", source_dirs["llama_gqa"], tmp_path / "model")
+    assert_clean_failure(result, tmp_path, needle, "writable output path")

@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import FactorConvError
-from ..output_folder import check_output, output_lock, publish, sigterm_as_interrupt, staging_folder
+from ..output_folder import check_output, output_lock, publish, sigterm_as_interrupt, staging_folder, unwritable
 from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
 from .calibrate import LayerwiseRunner, calibration_tokens
@@ -80,8 +80,10 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
             writer.close()
             write_artifacts(staging, source.folder, config, options, reports)
             publish(staging, output, options.overwrite)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise unwritable(output, err) from None
             raise
     logger.info("wrote %s", output)
     return output

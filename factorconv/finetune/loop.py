@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..convert.source import resolve_source
 from ..errors import FactorConvError
 from ..evaluate.data import check_token_ids
-from ..output_folder import check_output_path, publish, refuse_foreign
+from ..output_folder import check_output_path, publish, refuse_foreign, unwritable
 from . import data as data_lib
 from .loss import distillation_loss
 from .options import RESUMABLE_CHANGES, FinetuneOptions
@@ -605,10 +605,13 @@ class _Run:
         state = self.accelerator.get_state_dict(self.student)
         summary = self.summary(checksums)
         if self.main:
-            write_outputs(self, state, summary)
-            plot_curves(self._metrics_path(), self.out)
-            if self.out != self.final_out:
-                publish(self.out, self.final_out, overwrite=True)
+            try:
+                write_outputs(self, state, summary)
+                plot_curves(self._metrics_path(), self.out)
+                if self.out != self.final_out:
+                    publish(self.out, self.final_out, overwrite=True)
+            except OSError as err:  # the trained state is in the last checkpoint, if one was saved
+                raise unwritable(self.final_out, err) from None
         self.accelerator.wait_for_everyone()
         return self.final_out
 
