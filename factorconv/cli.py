@@ -11,11 +11,18 @@ from . import __version__
 from .errors import FactorConvError
 
 
+ARGUMENTS = {"source", "output", "model", "recipe", "folder", "repo_id"}  # positional: named as in --help
+
+
 def _options_error(err: ValidationError) -> str:
+    """The first problem, naming the flag the user typed (--batch-size), not the field (batch_size)."""
     first = err.errors()[0]
     message = first["msg"].removeprefix("Value error, ")
-    where = ".".join(str(p) for p in first["loc"])
-    return f"invalid {where}: {message}" if where else message
+    if not first["loc"]:
+        return message
+    field = str(first["loc"][0])
+    where = field.upper() if field in ARGUMENTS else "--" + field.replace("_", "-")
+    return f"invalid {where}: {message}"
 
 
 def _quiet(ctx: click.Context, param: click.Parameter, quiet: bool) -> None:

@@ -188,7 +188,7 @@ def test_unsupported_architecture_name(broken_source, parent):
         ("--rank-k", "99", "--rank-k 99 is out of range"),
         ("--rank-v", "3", "--rank-v 3 is out of range"),
         ("--rank-q", "9", "--rank-q 9 is out of range"),
-        ("--rank-k", "0", "rank_k"),
+        ("--rank-k", "0", "invalid --rank-k"),
     ],
 )
 def test_rank_out_of_range(source_dirs, parent, flag, value, needle):

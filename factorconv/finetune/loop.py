@@ -298,6 +298,12 @@ class _Run:
             if tokens is not None:
                 check_token_ids(tokens, vocab, name)
         self.split = data_lib.split_blocks(stream, self.seq_len, eval_stream, o.eval_fraction, o.eval_tokens)
+        blocks = self.split.train.shape[0]
+        if o.batch_size > blocks:  # every micro-batch would repeat blocks, and memory grows with the batch
+            raise FactorConvError(
+                f"--batch-size {o.batch_size} is more than the {blocks} training blocks of {self.seq_len} tokens "
+                f"in the data; pass --batch-size {blocks} or less, or more data"
+            )
         self.sampler = data_lib.BlockSampler(self.split.train.shape[0], o.batch_size, o.grad_accum, self.world, o.seed)
         per_step = o.batch_size * o.grad_accum * self.world
         if self.split.train.shape[0] < per_step:
