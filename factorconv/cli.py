@@ -31,6 +31,14 @@ def _quiet(ctx: click.Context, param: click.Parameter, quiet: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
+class _UsageError(click.UsageError):
+    """A mistyped flag or value: one line with where to look, not click's usage block (exit code 2 as usual)."""
+
+    def show(self, file=None) -> None:
+        where = self.ctx.command_path if self.ctx is not None else "factorconv"
+        click.echo(f"Error: {self.format_message()} (see '{where} --help')", file=file, err=True)
+
+
 class _Commands(click.Group):
     """Turns a command's FactorConvError or invalid options into one `Error: ...` line and exit code 1.
 
@@ -45,6 +53,8 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:
+            raise _UsageError(err.format_message(), err.ctx) from None
         except FactorConvError as err:
             raise click.ClickException(str(err)) from None
         except ValidationError as err:
@@ -83,7 +93,7 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True)
 @click.option("--calib", help="Calibration data: .txt, .jsonl, .npy or a datasets name.")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
-@click.option("--calib-seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 2048).")
 @click.option(
     "--init", type=click.Choice(["auto", "weight", "stats", "query-aware", "als"]), default="auto",
     show_default=True,
@@ -115,7 +125,7 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
 @click.option("--contextual", is_flag=True, help="TPA: contextual head factors (cache D + heads per rank).")
 @click.option("--calib", help="Calibration data for statistics-based spectra (optional).")
 @click.option("--calib-samples", type=int, default=128, show_default=True)
-@click.option("--calib-seq-len", type=int, default=2048, show_default=True)
+@click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 2048).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
 def plan(source: str, target: str, **kwargs) -> None:

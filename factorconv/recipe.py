@@ -60,7 +60,9 @@ class ConvertOptions(BaseModel):
     )
     calib: str | None = Field(default=None, description="calibration data: .txt, .jsonl, .npy or a datasets name")
     calib_samples: int = Field(default=128, ge=2, description="calibration sequences (10% are held out)")
-    calib_seq_len: int = Field(default=2048, ge=8, description="tokens per calibration sequence")
+    calib_seq_len: int | None = Field(
+        default=None, ge=8, description="tokens per calibration sequence (default: the context, at most 2048)"
+    )
     init: Literal["auto", "weight", "stats", "query-aware", "als"] = Field(
         default="auto",
         description="weight-only maths, calibration statistics, statistics with query-weighted key merging, or "

@@ -19,10 +19,16 @@ from ..evaluate.data import check_token_ids, dataset_tokens, load_tokens
 from .source import SourceCheckpoint
 
 
-def calibration_tokens(spec: str, folder: Path, samples: int, seq_len: int, config: PreTrainedConfig) -> torch.Tensor:
-    """(N, seq_len) token windows from a .txt/.jsonl/.npy file or a `datasets` name, tokenized for the source."""
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and seq_len > context:
+def calibration_tokens(
+    spec: str, folder: Path, samples: int, seq_len: int | None, config: PreTrainedConfig
+) -> torch.Tensor:
+    """(N, seq_len) token windows from a .txt/.jsonl/.npy file or a `datasets` name, tokenized for the source.
+
+    `seq_len` None: the model's context, at most 2048 tokens."""
+    context = getattr(config, "max_position_embeddings", None) or 2048
+    if seq_len is None:
+        seq_len = min(context, 2048)
+    elif seq_len > context:
         raise FactorConvError(f"--calib-seq-len {seq_len} exceeds the model's context of {context} tokens")
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in (".txt", ".jsonl", ".npy", ".json"):
