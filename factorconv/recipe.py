@@ -183,6 +183,13 @@ class OutputSection(_Section):
     dtype: DType = "auto"
     max_shard_size: str = "2GB"
 
+    @field_validator("dir")
+    @classmethod
+    def _names_a_folder(cls, folder: Path) -> Path:
+        if folder.name in ("", ".", ".."):
+            raise ValueError(f"{str(folder)!r} is not a new folder; name one, e.g. out/model")
+        return folder
+
 
 class PushSection(_Section):
     repo_id: str = Field(description="user-or-org/name")

@@ -160,6 +160,9 @@ CASES = [
     ("recipe missing", lambda w: ["validate", "nothing.yaml"], ["not found"]),
     ("recipe typo", lambda w: ["validate", _recipe(w, target={"kind": "mfa", "kv_budjet": 0.5})], ["kv_budget"]),
     ("recipe device", lambda w: ["validate", _recipe(w, device="quantum")], ["unknown device 'quantum'"]),
+    ("recipe output is cwd", lambda w: ["validate", _recipe(w, output={"dir": "."},
+                                                            finetune={"data": "ids.npy", "steps": 1})],
+     ["output.dir", "not a new folder"]),
     # push
     ("push incomplete", lambda w: ["push", w.src, "me/model"], ["not a complete factorconv output"]),
     ("push bad repo id", lambda w: ["push", w.model, "not a repo"], ["not of the form"]),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import VOCAB
 from test_cli import assert_clean_failure, run
 
@@ -196,3 +197,43 @@ def test_disk_full_or_read_only_output(source_dirs, tmp_path, monkeypatch, where
         needle = "Read-only file system"
     result = run("convert", source_dirs["llama_gqa"], tmp_path / "model")
     assert_clean_failure(result, tmp_path, needle, "writable output path")
+
+
+def _finetune(model: Path, out: Path, data: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "factorconv", "-q", "finetune", str(model), str(out), "--data", str(data),
+               "--steps", "300", "--save-every", "25", "--seq-len", "32", "--batch-size", "2", "--lr", "3e-3", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
+def test_interrupted_finetune_resumes_bit_identical(converted, tmp_path, how):
+    """Killed at a random point after its first checkpoint: nothing half-written counts, --resume ends where an
+    uninterrupted run ends, bit for bit."""
+    from safetensors.torch import load_file
+
+    model = converted("llama_gqa", rank_k=1, rank_v=1)
+    data = tmp_path / "tokens.npy"
+    np.save(data, np.random.default_rng(1).integers(3, VOCAB, size=4096, dtype=np.int64))
+    straight = _finetune(model, tmp_path / "straight", data)
+    interrupted = _finetune(model, tmp_path / "interrupted", data)
+    checkpoints = tmp_path / "interrupted" / ".checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("step-*")):
+        assert interrupted.poll() is None, interrupted.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if how == "SIGTERM":
+        interrupted.send_signal(signal.SIGTERM)
+    else:
+        interrupted.kill()
+    _, stderr = interrupted.communicate(timeout=120)
+    assert interrupted.returncode != 0 and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "interrupted" / "model.safetensors").exists()  # not taken as a finished model
+    resumed = _finetune(model, tmp_path / "interrupted", data, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()
+    assert straight.wait(timeout=300) == 0, straight.communicate()
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "interrupted" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
