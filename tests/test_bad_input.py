@@ -175,6 +175,10 @@ CASES = [
      ["more than the", "training blocks"]),
     ("finetune resume and overwrite", lambda w: ["finetune", w.model, "healed", "--data", w.root / "ids.npy",
                                                  "--resume", "--overwrite"], ["--resume"]),
+    ("finetune into cwd", lambda w: ["finetune", w.model, ".", "--data", w.root / "ids.npy", "--overwrite"],
+     ["current folder"]),
+    ("finetune over a foreign folder", lambda w: ["finetune", w.model, _foreign(w), "--data", w.root / "ids.npy",
+                                                  "--overwrite", "--steps", "1"], ["not a factorconv output"]),
     ("finetune into its input", lambda w: ["finetune", w.model, w.model / "healed", "--data", w.root / "ids.npy",
                                            "--steps", "1"], ["would overwrite the input"]),
 ]
