@@ -268,10 +268,13 @@ class FactorConvTPAAttention(nn.Module):
         Returns the output (B, L, H, D) and the attention probabilities (B, H, L, T).
         """
         (b_k, a_k), (b_v, a_v) = key_factors, value_factors
-        bsz, tokens, rank_k, dim = b_k.shape
-        rank_v = b_v.shape[2]
-        q_dot_b = torch.matmul(query, b_k.reshape(bsz, 1, tokens * rank_k, dim).transpose(-1, -2))
-        q_dot_b = q_dot_b.unflatten(-1, (tokens, rank_k))  # (B, H, L, T, R_K)
+        bsz, heads, q_len, dim = query.shape
+        tokens, rank_k, rank_v = b_k.shape[1], b_k.shape[2], b_v.shape[2]
+        # Heads are folded into the rows of one matmul per sequence, so every cached factor is read once for all
+        # heads (a per-head broadcast would read the whole cache again for each head).
+        rows = query.reshape(bsz, heads * q_len, dim)
+        q_dot_b = torch.bmm(rows, b_k.reshape(bsz, tokens * rank_k, dim).transpose(1, 2))
+        q_dot_b = q_dot_b.view(bsz, heads, q_len, tokens, rank_k)
         if a_k.dim() == 2:
             scores = torch.einsum("bhltr,rh->bhlt", q_dot_b, a_k.to(query.dtype))
         else:
@@ -279,11 +282,11 @@ class FactorConvTPAAttention(nn.Module):
         scores = _masked_scores(scores.float() * self.scaling, attention_mask)
         probs = scores.softmax(dim=-1).to(query.dtype)
         if a_v.dim() == 2:
-            mixed = torch.matmul(probs, b_v.reshape(bsz, 1, tokens, rank_v * dim)).unflatten(-1, (rank_v, dim))
-            out = torch.einsum("bhlrd,rh->bhld", mixed, a_v.to(query.dtype))
+            mixed = torch.bmm(probs.reshape(bsz, heads * q_len, tokens), b_v.reshape(bsz, tokens, rank_v * dim))
+            out = torch.einsum("bhlrd,rh->bhld", mixed.view(bsz, heads, q_len, rank_v, dim), a_v.to(query.dtype))
         else:
-            weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).flatten(-2)
-            out = torch.matmul(weights, b_v.reshape(bsz, 1, tokens * rank_v, dim))
+            weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).reshape(bsz, heads * q_len, tokens * rank_v)
+            out = torch.bmm(weights, b_v.reshape(bsz, tokens * rank_v, dim)).view(bsz, heads, q_len, dim)
         return out.transpose(1, 2), probs
 
     def forward(
