@@ -145,19 +145,25 @@ def test_lora_saves_a_loadable_merged_model(tpa, tokens_file, tmp_path):
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def interrupt_at(monkeypatch, at: int, sig: signal.Signals):
+    """Raise `sig` as training step `at` starts; returns the real train_step, to put back."""
+    original = _Run.train_step
+
+    def interrupted(self, step):
+        if step == at:
+            signal.raise_signal(sig)
+        return original(self, step)
+
+    monkeypatch.setattr(_Run, "train_step", interrupted)
+    return original
+
+
 def test_resume_equals_an_uninterrupted_run(tpa, tokens_file, tmp_path, monkeypatch):
     common = dict(steps=10, save_every=5, grad_accum=2, batch_size=2, eval_every=4)
     straight = finetune(options(tpa, tmp_path / "straight", tokens_file, **common), progress=False)
 
     # Interrupt the second run with SIGINT during step 5: it checkpoints after that step and stops.
-    original = _Run.train_step
-
-    def interrupted(self, step):
-        if step == 4:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, step)
-
-    monkeypatch.setattr(_Run, "train_step", interrupted)
+    original = interrupt_at(monkeypatch, 4, signal.SIGINT)
     resumed_dir = tmp_path / "resumed"
     with pytest.raises(Exception, match="stopped by SIGINT after step 5 of 10.*--resume"):
         finetune(options(tpa, resumed_dir, tokens_file, **common), progress=False)
@@ -189,14 +195,7 @@ def test_interrupted_overwrite_keeps_the_previous_model(tpa, tokens_file, tmp_pa
     out = tmp_path / "healed"
     finetune(options(tpa, out, tokens_file, steps=2), progress=False)
     before = weights(out)
-    original = _Run.train_step
-
-    def interrupted(self, step):
-        if step == 1:
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, step)
-
-    monkeypatch.setattr(_Run, "train_step", interrupted)
+    original = interrupt_at(monkeypatch, 1, signal.SIGTERM)
     with pytest.raises(Exception, match="stopped by SIGTERM.*still holds the previous model.*--overwrite"):
         finetune(options(tpa, out, tokens_file, steps=4, lr=1e-2, overwrite=True), progress=False)
     monkeypatch.setattr(_Run, "train_step", original)
@@ -216,14 +215,7 @@ def test_checkpoint_from_more_processes_resumes_with_more_accumulation(tpa, toke
     """A checkpoint written by 2 processes × 1 micro-batch goes on in 1 process × 2 (same global batch and
     block order); any other split is refused with a clear message."""
     common = dict(steps=6, save_every=3, batch_size=2)
-    original = _Run.train_step
-
-    def interrupted(self, step):
-        if step == 2:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, step)
-
-    monkeypatch.setattr(_Run, "train_step", interrupted)
+    original = interrupt_at(monkeypatch, 2, signal.SIGINT)
     out = tmp_path / "run"
     with pytest.raises(Exception, match="--resume"):
         finetune(options(tpa, out, tokens_file, grad_accum=2, **common), progress=False)
