@@ -59,11 +59,10 @@ def _architecture_problems(folder: Path, config: dict) -> list[str]:
             expected = set(FactorConvForCausalLM(FactorConvConfig(**config)).state_dict())
     except (TypeError, ValueError) as err:
         return [f"config.json does not describe a factorconv model ({str(err).splitlines()[0]})"]
-    if config.get("tie_word_embeddings"):
-        expected.discard("lm_head.weight")
+    needed = expected - {"lm_head.weight"} if config.get("tie_word_embeddings") else expected  # tied: may be absent
     index = folder / INDEX_FILE
     names = set(json.loads(index.read_text())["weight_map"]) if index.is_file() else _keys(folder / SINGLE_FILE)
-    return [f"the weights lack {name}, which the architecture needs" for name in sorted(expected - names)] + [
+    return [f"the weights lack {name}, which the architecture needs" for name in sorted(needed - names)] + [
         f"the weights hold {name}, which the architecture does not use" for name in sorted(names - expected)
     ]
 
