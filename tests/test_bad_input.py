@@ -85,6 +85,14 @@ def _nan_model(ws: Workspace) -> Path:
     return folder
 
 
+def _without_norm(ws: Workspace) -> Path:
+    folder = ws.copy(ws.model, "no_norm_model")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def _recipe(ws: Workspace, **changes) -> Path:
     recipe = {"source": str(ws.src), "target": {"kind": "mfa", "kv_budget": 0.5}, "output": {"dir": "out/r"}}
     recipe.update(changes)
@@ -165,6 +173,9 @@ CASES = [
      ["output.dir", "not a new folder"]),
     # push
     ("push incomplete", lambda w: ["push", w.src, "me/model"], ["not a complete factorconv output"]),
+    ("push lacks a tensor", lambda w: ["push", _without_norm(w), "me/model"], ["lack model.norm.weight"]),
+    ("eval lacks a tensor", lambda w: ["eval", _without_norm(w), "--data", w.root / "ids.npy"],
+     ["lacks model.norm.weight", "incomplete"]),
     ("push bad repo id", lambda w: ["push", w.model, "not a repo"], ["not of the form"]),
     ("push without token", lambda w: ["push", w.model, "me/model"], ["no hugging face token"]),
     # finetune
