@@ -59,7 +59,13 @@ def _scores_and_values(init, weights, freqs, x, shape):
     source = (q @ k.repeat_interleave(h // g, dim=1).transpose(-1, -2))[0].tril()
     rope = 2 * len(init.pairs)
     c = x.double() @ init.latent.double().T
-    qc = torch.einsum("hwi,ti->htw", init.queries.double(), x.double())
+    # Each head's query in c's coordinates, from the factored maps of its source query (group j = i // (h/g)).
+    q_plain = (x.double() @ wq.double().T).view(-1, h, D).transpose(0, 1)  # (h, T, D), not rotated
+    group = torch.arange(h) // (h // g)
+    pairs = torch.tensor(init.pairs)
+    mix = torch.cat([init.rope_mix, init.rope_mix], dim=-1).double()[group]  # (h, d_R)
+    rope_part = q_plain[..., torch.cat([pairs, pairs + D // 2])] * mix[:, None, :]
+    qc = torch.cat([rope_part, q_plain @ init.key_up.double()[group]], dim=-1)
     pair_freqs = freqs[init.pairs]
     qc = torch.cat([_rotate(qc[None, ..., :rope], pair_freqs, pos)[0], qc[..., rope:]], dim=-1)
     c = torch.cat([_rotate(c[None, None, :, :rope], pair_freqs, pos)[0, 0], c[:, rope:]], dim=-1)

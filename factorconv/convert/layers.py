@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..factorize.common import cholesky_whitening, input_moment, split_bias_column
+from ..factorize.common import cholesky_whitening, input_moment, split_bias_column, with_bias_column
 from ..factorize.key_reuse import key_reuse_init, phase_average
 from ..factorize.mfa import (
+    ValueBasis,
     low_rank_queries,
-    merge_queries,
-    merged_output_projection,
     output_weighted_value_basis,
     pair_moments,
     query_pair_energy,
@@ -133,25 +132,33 @@ def _fitting_inputs(acts: LayerActivations, max_tokens: int = 65536) -> torch.Te
     return rows[:: max(1, -(-rows.shape[0] // max_tokens))]
 
 
-def _query_tensors(prefix: str, rows: torch.Tensor, has_bias: bool, rank: int | None) -> dict[str, torch.Tensor]:
-    """(out, d') query rows -> q_proj, or the q_down/q_up product when a query rank is set."""
+def _source_side_tensors(src: SourceAttention, rank: int | None) -> dict[str, torch.Tensor]:
+    """The source's own query and output projections, which MFA / MFA-KR keep (factored form): q_proj, or
+    the q_down/q_up product when a query rank is set, and o_proj."""
+    q_bias = src.bias("q")
     if rank is None:
-        tensors = {f"{prefix}q_proj.weight": rows[:, :-1] if has_bias else rows}
-        if has_bias:
-            tensors[f"{prefix}q_proj.bias"] = rows[:, -1]
-        return tensors
-    down, up, bias = low_rank_queries(rows, has_bias, rank)
-    tensors = {f"{prefix}q_down.weight": down, f"{prefix}q_up.weight": up}
-    if bias is not None:
-        tensors[f"{prefix}q_up.bias"] = bias
-    return tensors
+        tensors = {f"{src.prefix}q_proj.weight": src.weight("q")}
+        if q_bias is not None:
+            tensors[f"{src.prefix}q_proj.bias"] = q_bias
+    else:
+        down, up, bias = low_rank_queries(with_bias_column(src.weight("q"), q_bias), q_bias is not None, rank)
+        tensors = {f"{src.prefix}q_down.weight": down, f"{src.prefix}q_up.weight": up}
+        if bias is not None:
+            tensors[f"{src.prefix}q_up.bias"] = bias
+    return {**tensors, **_output_projection(src, src.prefix, src.weight("o"))}
+
+
+def _value_up(value: ValueBasis, num_groups: int) -> torch.Tensor:
+    """(g, D, d_V): the read-back of each group's source-sized value from the cached value part."""
+    return value.read.reshape(num_groups, -1, value.read.shape[1])
 
 
 def convert_mfa_attention(
     src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
 ) -> LayerResult:
     """MFA: k_proj = RoPE-preserving key merge, v_proj = output-weighted value basis (under the input
-    statistics when given); queries are mapped into the merged key space, o_proj reads the value basis."""
+    statistics when given); the source's q_proj and o_proj stay, with per-group maps into the merged key
+    (`rope_mix`) and out of the value basis (`value_up`)."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     k_weight, k_bias = src.weight("k"), src.bias("k")
     moment = stats.moment if stats is not None else None
@@ -163,14 +170,13 @@ def convert_mfa_attention(
     value = output_weighted_value_basis(
         src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, config.value_dim[layer], moment
     )
-    q_bias = src.bias("q")
-    queries = merge_queries(src.weight("q"), q_bias, merge, heads, head_dim)  # (h, key_dim, d')
-    out = _query_tensors(src.prefix, queries.flatten(0, 1), q_bias is not None, _query_rank(config, layer))
+    out = _source_side_tensors(src, _query_rank(config, layer))
     for name, part in (("k_proj", merge), ("v_proj", value)):
         out[f"{src.prefix}{name}.weight"] = part.weight
         if part.bias is not None:
             out[f"{src.prefix}{name}.bias"] = part.bias
-    out.update(_output_projection(src, src.prefix, merged_output_projection(src.weight("o"), value, heads, groups)))
+    out[f"{src.prefix}rope_mix"] = merge.query_mixing.T
+    out[f"{src.prefix}value_up"] = _value_up(value, groups)
     return LayerResult(out, LayerReport(layer, merge.relative_error, value.relative_error), merge.pairs)
 
 
@@ -183,7 +189,7 @@ def convert_mfa_kr_attention(
     src: SourceAttention, layer: int, config: FactorConvConfig, stats: LayerStatistics | None
 ) -> LayerResult:
     """MFA-KR: c_proj = [RoPE key merge | joint latent of key directions moved to NoPE and the values]
-    (factorize/key_reuse.py); queries read both parts, o_proj the latent. With calibration activations the
+    (factorize/key_reuse.py); the source's q_proj and o_proj stay, with per-group maps into both parts. With calibration activations the
     partial-RoPE split and the key/value balance are chosen by measured attention-output error."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
     rotary = FactorConvRotaryEmbedding(config)
@@ -196,12 +202,14 @@ def convert_mfa_kr_attention(
             q, k, v, o[0], heads, groups, config.rope_dim[layer], config.nope_dim[layer], phase,
             config.attention_scale, stats.moment if stats is not None else None, move_slow, key_weight,
         )
-        out = _query_tensors(src.prefix, init.queries.flatten(0, 1), q[1] is not None, _query_rank(config, layer))
+        out = _source_side_tensors(src, _query_rank(config, layer))
         weight, bias = split_bias_column(init.latent, k[1] is not None)
         out[f"{src.prefix}c_proj.weight"] = weight
         if bias is not None:
             out[f"{src.prefix}c_proj.bias"] = bias
-        out.update(_output_projection(src, src.prefix, merged_output_projection(o[0], init.value, heads, groups)))
+        out[f"{src.prefix}rope_mix"] = init.rope_mix
+        out[f"{src.prefix}key_up"] = init.key_up
+        out[f"{src.prefix}value_up"] = _value_up(init.value, groups)
         result = LayerResult(out, LayerReport(layer, init.key_error, init.value_error), init.pairs)
         error = selection_error(config, layer, out, acts, init.pairs) if acts is not None else 0.0
         if best is None or error < best[0]:

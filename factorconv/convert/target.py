@@ -41,8 +41,7 @@ def _check_widths(options: ConvertOptions, heads: int, kv_heads: int, head_dim: 
     for name, width in (("--key-dim", options.key_dim), ("--rope-dim", options.rope_dim)):
         if width is not None and width % 2:
             raise FactorConvError(f"{name} {width} must be even: RoPE rotates pairs of dimensions")
-    query_width = (options.key_dim or full) if options.to == "mfa" else (options.rope_dim or full) + (options.nope_dim or full)
-    _check_rank("--query-rank", options.query_rank, min(hidden, heads * query_width), "hidden size and query width")
+    _check_rank("--query-rank", options.query_rank, min(hidden, heads * head_dim), "hidden size and query width")
 
 
 def _has_bias(source: SourceCheckpoint, name: str, qkv_default: bool) -> bool:

@@ -15,8 +15,9 @@ Joint latent. The moved directions' averaged keys M_p k_n and the values v are c
 c_nope = Yᵀ [diag(w) k̄_nope; G^{1/2} v] with Y the top d_N eigenvectors of that stack's second moment.
 G^{1/2} weights values by what the output projection reads (as in MFA); w puts key errors in the same
 output units: a score error ε in head i moves its output by about ε·‖W_O,i v‖, so
-w²_row = scale² Σ_i E[q_{i,row}²]·E‖W_O,i v_γ(i)‖². Queries read the keys back through diag(w)⁻¹Y_k (folded
-into the query projection), the output projection reads values through G^{-1/2}Y_v. Keys count centred (a
+w²_row = scale² Σ_i E[q_{i,row}²]·E‖W_O,i v_γ(i)‖². Queries read the keys back through diag(w)⁻¹Y_k, values are
+read back through G^{-1/2}Y_v; both are per-group maps of the source head's own query and value (`key_up`,
+`value_up`), so the model keeps the source's q_proj and o_proj (MLA's factored form). Keys count centred (a
 part constant over tokens shifts all of a query's scores equally, which softmax ignores). With every direction
 kept rotated (d_R = g·D) and d_N = g·D nothing is moved or dropped: the conversion is exact.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import input_moment, split_bias_column, top_eigenvectors, with_bias_column
-from .mfa import ValueBasis, merge_queries, output_heads, output_metric, pair_moments, rope_key_merge
+from .mfa import ValueBasis, merge_queries, output_heads, output_metric, pair_moments, query_maps, rope_key_merge
 
 
 @dataclass
@@ -34,7 +35,8 @@ class KeyReuseInit:
     """Weights of one MFA-KR layer: c = latent·x̃ (x̃ = [x; 1]) and the queries that read it."""
 
     latent: torch.Tensor  # (d_R + d_N, d'): c_rope rows (first components of each pair, then second), c_nope
-    queries: torch.Tensor  # (h, d_R + d_N, d'): per-head query rows in c's coordinates
+    rope_mix: torch.Tensor  # (g, d_R/2): how group j's source query reads rotated pair n (at its frequency)
+    key_up: torch.Tensor  # (g, D, d_N): c_nope as an un-rotated key in the source query's coordinates
     value: ValueBasis  # c_nope's rows of the latent and how the source's g·D values are read back from them
     pairs: list[int]  # source frequency pair of each rotated pair of c_rope
     key_error: float  # sqrt of the key energy lost (phase averaging + latent truncation) / total
@@ -136,7 +138,9 @@ def key_reuse_init(
     residual = second - basis @ (basis.T @ second @ basis) @ basis.T  # second moment of what c_nope misses
 
     latent = torch.cat([keys[rope_rows], basis.T @ stack])
-    query_rows = torch.cat([queries[:, rope_rows], key_read.T @ nope_queries], dim=1)
+    nope_maps = query_maps(merge, head_dim)[:, torch.cat([moved, moved + half])]  # (g, rows, D)
+    key_up = nope_maps.transpose(1, 2) @ key_read  # (g, D, d_N)
+    rope_mix = merge.query_mixing.T[:, kept]
     nope_key_energy = (residual[:rows].diagonal() / weights**2).sum()
     dropped = torch.ones_like(energy, dtype=torch.bool)
     dropped[kept], dropped[moved] = False, False
@@ -148,6 +152,5 @@ def key_reuse_init(
     dtype = k_weight.dtype
     weight, bias = split_bias_column(latent, k_bias is not None)
     value = ValueBasis(weight[rope_dim:].to(dtype), None if bias is None else bias[rope_dim:].to(dtype), value_read, value_error)
-    return KeyReuseInit(
-        latent.to(dtype), query_rows.to(dtype), value, [merge.pairs[n] for n in kept.tolist()], key_error, value_error
-    )
+    pairs = [merge.pairs[n] for n in kept.tolist()]
+    return KeyReuseInit(latent.to(dtype), rope_mix.to(dtype), key_up.to(dtype), value, pairs, key_error, value_error)

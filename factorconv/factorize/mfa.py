@@ -8,7 +8,7 @@ g·D/2 of them the merge is an orthogonal change of basis, hence exact.
 
 Values. With G = blockdiag_j Σ_{i reads j} W_O,iᵀ W_O,i, minimising Σ_i E‖W_O,i(v_γ(i) − v̂_γ(i))‖² is a PCA
 of G^{1/2} v: keep the top d_V eigenvectors Y of G^{1/2} C_V G^{1/2}, cache c = Yᵀ G^{1/2} v, read back
-v̂ = G^{-1/2} Y c (absorbed into the output projection). Exact at d_V = g·D.
+v̂ = G^{-1/2} Y c (absorbed into the output projection). Exact at d_V = g·D. The model stores the read-back per group (`value_up`) and keeps the source's o_proj.
 """
 
 from dataclasses import dataclass
@@ -132,16 +132,30 @@ def rope_key_merge(
     return KeyMerge(weight.to(k_weight.dtype), _cast(bias, k_weight.dtype), pairs, key_mixing, query_mixing, error)
 
 
+def query_maps(merge: KeyMerge, head_dim: int) -> torch.Tensor:
+    """(g, d_K, D): how a source query head of group j reads the merged key, in the source head's coordinates.
+
+    Row n (and n + d_K/2) takes the source query's components of pair p_n, scaled by the group's mix of new pair
+    n. It maps each RoPE pair onto a pair of the same frequency, so it commutes with the rotation.
+    """
+    num_pairs, num_groups = merge.query_mixing.shape
+    index = torch.tensor(merge.pairs, device=merge.query_mixing.device)
+    maps = torch.zeros(num_groups, 2 * num_pairs, head_dim, dtype=torch.float64, device=index.device)
+    rows = torch.arange(num_pairs, device=index.device)
+    coeff = merge.query_mixing.T.double()  # (g, n)
+    maps[:, rows, index] = coeff
+    maps[:, rows + num_pairs, index + head_dim // 2] = coeff
+    return maps
+
+
 def merge_queries(
     q_weight: torch.Tensor, q_bias: torch.Tensor | None, merge: KeyMerge, num_heads: int, head_dim: int
 ) -> torch.Tensor:
     """Each query head mapped into the merged key space: (h, d_K, d') rows, bias as the last column."""
-    num_groups = merge.query_mixing.shape[1]
+    maps = query_maps(merge, head_dim)
     per_head = with_bias_column(q_weight, q_bias).double().reshape(num_heads, head_dim, -1)
-    group_of_head = torch.arange(num_heads, device=q_weight.device) // (num_heads // num_groups)
-    coeff = merge.query_mixing.T[group_of_head]  # (h, n): the query-side mix of new pair n for head i's group
-    index, half = torch.tensor(merge.pairs, device=q_weight.device), head_dim // 2
-    return torch.cat([per_head[:, index] * coeff[..., None], per_head[:, index + half] * coeff[..., None]], dim=1)
+    group_of_head = torch.arange(num_heads, device=q_weight.device) // (num_heads // maps.shape[0])
+    return maps[group_of_head] @ per_head
 
 
 def output_heads(o_weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -206,17 +220,6 @@ def output_weighted_value_basis(
     weight, bias = split_bias_column(basis.T @ g_half @ stacked, v_bias is not None)
     error = float(((values.sum() - values[:value_dim].sum()).clamp_min(0) / values.sum().clamp_min(1e-300)).sqrt())
     return ValueBasis(weight.to(v_weight.dtype), _cast(bias, v_weight.dtype), g_inv_half @ basis, error)
-
-
-def merged_output_projection(
-    o_weight: torch.Tensor, value: ValueBasis, num_heads: int, num_groups: int
-) -> torch.Tensor:
-    """W'_O,i = W_O,i · read_γ(i): (d, h·d_V), the output projection reading the merged value head."""
-    head_dim = value.read.shape[0] // num_groups
-    o_heads = output_heads(o_weight, num_heads, head_dim)
-    reads = value.read.reshape(num_groups, head_dim, -1).repeat_interleave(num_heads // num_groups, dim=0)
-    merged = o_heads @ reads  # (h, d, d_V)
-    return merged.transpose(0, 1).reshape(o_weight.shape[0], -1).to(o_weight.dtype)
 
 
 def low_rank_queries(

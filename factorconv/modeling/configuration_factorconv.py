@@ -32,9 +32,10 @@ class FactorConvConfig(PreTrainedConfig):
     MFA (`attention="mfa"`): one key head of width `key_dim[l]` and one value head of width `value_dim[l]`
     shared by all query heads. MFA-KR (`attention="mfa_kr"`): one cached vector [c_rope | c_nope] of width
     `rope_dim[l] + nope_dim[l]`; keys are [RoPE(c_rope) | c_nope], values read c_nope. For both, the
-    rotated pair n of the key rotates at source frequency `rope_pair_index[l][n]`, queries may go through
-    a rank-`query_rank[l]` product (with `query_norm` between), and scores are scaled by `attention_scale`
-    (the source's 1/√head_dim).
+    rotated pair n of the key rotates at source frequency `rope_pair_index[l][n]`, the weights are stored in
+    factored form (the source's query and output projections plus per-group maps, `attention_layout`
+    "factored"), queries may go through a rank-`query_rank[l]` product (with `query_norm` between), and scores
+    are scaled by `attention_scale` (the source's 1/√head_dim), as TPA's.
     """
 
     model_type = "factorconv"
@@ -74,6 +75,7 @@ class FactorConvConfig(PreTrainedConfig):
     query_rank: int | list[int] | None = None
     query_norm: bool = False
     attention_scale: float | None = None
+    attention_layout: str = "factored"
     source_model: str | None = None
     source_revision: str | None = None
     source_architecture: str | None = None
@@ -112,11 +114,15 @@ class FactorConvConfig(PreTrainedConfig):
             raise ValueError(f"factorconv layers are all full attention, got layer_types {layer_types}")
         super().__post_init__(**kwargs)
 
-    def query_width(self, layer_idx: int) -> int:
-        """Width of each query head of MFA / MFA-KR (what it is dotted with)."""
-        if self.attention == "mfa":
-            return self.key_dim[layer_idx]
-        return self.rope_dim[layer_idx] + self.nope_dim[layer_idx]
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Refuses MFA / MFA-KR folders written before the factored layout, whose weights this code cannot read."""
+        if config_dict.get("attention") in ("mfa", "mfa_kr") and config_dict.get("attention_layout") != "factored":
+            raise ValueError(
+                "this MFA/MFA-KR model was written by factorconv 0.1 in the absorbed layout, which this release "
+                "does not read: load it with trust_remote_code=True (its own modeling file) or convert it again"
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def kv_cache_width(self, layer_idx: int) -> int:
         """Numbers cached per token in one layer (multiply by the dtype size for bytes)."""

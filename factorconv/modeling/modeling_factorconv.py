@@ -176,7 +176,10 @@ def eager_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ · scale + mask) v with as many key heads as query heads; returns (B, L, H, D)."""
+    """softmax(q kᵀ · scale + mask) v, each key/value head read by `module.num_key_value_groups` query heads;
+    returns (B, L, H, D) and the probabilities."""
+    groups = module.num_key_value_groups
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask[:, :, :, : key.shape[-2]]
@@ -192,6 +195,26 @@ def registry_attention(
     attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention)
     dropout = module.attention_dropout if module.training else 0.0
     return attention_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
+
+
+def single_head_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoding step of every head against one cached head: (B, H, 1, W) queries, (B, 1, T, W) keys,
+    (B, 1, T, V) values -> (B, 1, H, V) and the probabilities (B, H, 1, T) under eager attention.
+
+    The heads are folded into the query axis, so the cache is read once for all heads and never copied per head;
+    a (B, 1, 1, T) padding mask broadcasts over the folded heads.
+    """
+    folded = query.transpose(1, 2)  # (B, 1, H, W)
+    mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
+    if module.config._attn_implementation != "eager":
+        return nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=module.scaling), None
+    scores = torch.matmul(folded, key.transpose(2, 3)).float() * module.scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1).to(query.dtype)
+    return torch.matmul(probs, value), probs.transpose(1, 2)
 
 
 def _masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -215,7 +238,7 @@ class FactorConvTPAAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.attention_scale
         self.is_causal = True
         self.num_key_value_groups = 1  # rebuilt K/V carry one head per query head
         self.attention_dropout = config.attention_dropout
@@ -254,6 +277,19 @@ class FactorConvTPAAttention(nn.Module):
             a = row[..., split:].unflatten(-1, (product.rank, product.num_heads))
         return b, a
 
+    def concatenated_factor_attention(
+        self, query: torch.Tensor, key_row: torch.Tensor, value_row: torch.Tensor, attention_mask
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Non-contextual decoding as an MQA over the concatenated factors: q'_h = [α_1h q_h; …; α_Rh q_h] scores
+        the cached row [b_1; …; b_R] in one dot product, the output [Σ p b^V_r]_r is mixed by α^V afterwards.
+
+        query: (B, H, 1, D); rows as cached, (B, 1, T, R·D). Returns (B, 1, H, D) and the probabilities (eager).
+        """
+        a_k, a_v = self.k_product.head_mix.to(query.dtype), self.v_product.head_mix.to(query.dtype)
+        mixed_query = torch.einsum("bhld,rh->bhlrd", query, a_k).flatten(-2)
+        out, probs = single_head_attention(self, mixed_query, key_row, value_row, attention_mask)
+        return torch.einsum("blhrd,rh->blhd", out.unflatten(-1, (a_v.shape[0], self.head_dim)), a_v), probs
+
     def factor_attention(
         self,
         query: torch.Tensor,
@@ -261,10 +297,10 @@ class FactorConvTPAAttention(nn.Module):
         value_factors: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention straight from cached factors, never forming per-head K/V.
+        """Contextual attention straight from cached factors, never forming per-head K/V.
 
         s_{h,t} = Σ_r a_{t,r,h} (q_h · b_{t,r}) / √D  and  o_h = Σ_t p_{h,t} Σ_r a^V_{t,r,h} b^V_{t,r}.
-        query: (B, H, L, D); head factors (R, H) when constant, (B, T, R, H) when contextual.
+        query: (B, H, L, D); factors b (B, T, R, D) and per-token head factors a (B, T, R, H).
         Returns the output (B, L, H, D) and the attention probabilities (B, H, L, T).
         """
         (b_k, a_k), (b_v, a_v) = key_factors, value_factors
@@ -274,19 +310,11 @@ class FactorConvTPAAttention(nn.Module):
         # heads (a per-head broadcast would read the whole cache again for each head).
         rows = query.reshape(bsz, heads * q_len, dim)
         q_dot_b = torch.bmm(rows, b_k.reshape(bsz, tokens * rank_k, dim).transpose(1, 2))
-        q_dot_b = q_dot_b.view(bsz, heads, q_len, tokens, rank_k)
-        if a_k.dim() == 2:
-            scores = torch.einsum("bhltr,rh->bhlt", q_dot_b, a_k.to(query.dtype))
-        else:
-            scores = torch.einsum("bhltr,btrh->bhlt", q_dot_b, a_k)
+        scores = torch.einsum("bhltr,btrh->bhlt", q_dot_b.view(bsz, heads, q_len, tokens, rank_k), a_k)
         scores = _masked_scores(scores.float() * self.scaling, attention_mask)
         probs = scores.softmax(dim=-1).to(query.dtype)
-        if a_v.dim() == 2:
-            mixed = torch.bmm(probs.reshape(bsz, heads * q_len, tokens), b_v.reshape(bsz, tokens, rank_v * dim))
-            out = torch.einsum("bhlrd,rh->bhld", mixed.view(bsz, heads, q_len, rank_v, dim), a_v.to(query.dtype))
-        else:
-            weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).reshape(bsz, heads * q_len, tokens * rank_v)
-            out = torch.bmm(weights, b_v.reshape(bsz, tokens * rank_v, dim)).view(bsz, heads, q_len, dim)
+        weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).reshape(bsz, heads * q_len, tokens * rank_v)
+        out = torch.bmm(weights, b_v.reshape(bsz, tokens * rank_v, dim)).view(bsz, heads, q_len, dim)
         return out.transpose(1, 2), probs
 
     def forward(
@@ -305,68 +333,95 @@ class FactorConvTPAAttention(nn.Module):
         key_row, value_row = self._pack(apply_rope(b_k, cos, sin, 2), a_k), self._pack(b_v, a_v)
         if cache is not None:
             key_row, value_row = cache.update(key_row, value_row, self.layer_idx)
-        key_factors = self._unpack(key_row, self.k_product, a_k)
-        value_factors = self._unpack(value_row, self.v_product, a_v)
-
-        if q_len == 1:
-            out, weights = self.factor_attention(query, key_factors, value_factors, attention_mask)
+        decoding = q_len == 1 and not self.training
+        if decoding and not self.config.tpa_contextual:
+            out, weights = self.concatenated_factor_attention(query, key_row, value_row, attention_mask)
         else:
-            keys, values = TensorProduct.mix(*key_factors), TensorProduct.mix(*value_factors)
-            out, weights = registry_attention(self, query, keys, values, attention_mask, **kwargs)
+            key_factors = self._unpack(key_row, self.k_product, a_k)
+            value_factors = self._unpack(value_row, self.v_product, a_v)
+            if decoding:
+                out, weights = self.factor_attention(query, key_factors, value_factors, attention_mask)
+            else:
+                keys, values = TensorProduct.mix(*key_factors), TensorProduct.mix(*value_factors)
+                out, weights = registry_attention(self, query, keys, values, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
 
 class SharedKVAttention(nn.Module):
-    """Base of MFA and MFA-KR: h query heads against a single shared key head (MQA with its own widths).
+    """Base of MFA and MFA-KR: one cached row per token shared by all h query heads, stored in factored (MLA) form.
 
-    The key's rotated part is made of pairs that each rotate at one source RoPE frequency
-    (`rope_pair_index`), so cos/sin are gathered from the source's tables rather than recomputed.
+    The source's q_proj and o_proj stay as they are; per-group maps (group j of the source's g KV heads, as in
+    its GQA) connect the source head's D-dim query and value to the cached row:
+      - rotated key pairs: pair n rotates at source frequency `rope_pair_index[n]`; group j's query reads it as
+        `rope_mix[j, n]` times the source query's pair at that frequency (a map that commutes with RoPE);
+      - MFA-KR's un-rotated key part: `key_up[j]` (D × d_N) maps it into the source query's coordinates;
+      - values: `value_up[j]` (D × d_V) reads the source head's value back from the cached value part.
+    Prefill and training expand the rows into g key/value heads of the source's head size and run the configured
+    attention (the source's own GQA shapes); decoding absorbs the maps into the query and the output and attends
+    once over the single cached head, reading each cached byte once for all heads (MLA's absorbed decode).
     """
 
-    def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
+    def __init__(self, config: FactorConvConfig, layer_idx: int, value_dim: int, nope_dim: int) -> None:
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
-        self.num_heads = config.num_attention_heads
-        self.query_width = config.query_width(layer_idx)
+        self.num_heads, self.head_dim, self.num_groups = (
+            config.num_attention_heads, config.head_dim, config.num_key_value_heads
+        )
         self.scaling = config.attention_scale
         self.is_causal = True
-        self.num_key_value_groups = self.num_heads  # one shared key/value head
+        self.num_key_value_groups = self.num_heads // self.num_groups  # expanded heads: the source's GQA
         self.attention_dropout = config.attention_dropout
-        hidden, width = config.hidden_size, self.num_heads * self.query_width
+        hidden, width = config.hidden_size, self.num_heads * self.head_dim
         rank = config.query_rank[layer_idx] if config.query_rank is not None else None
         self.q_proj = nn.Linear(hidden, width, bias=config.qkv_bias) if rank is None else None
         self.q_down = nn.Linear(hidden, rank, bias=False) if rank is not None else None
         self.q_norm = FactorConvRMSNorm(rank, config.rms_norm_eps) if rank is not None and config.query_norm else None
         self.q_up = nn.Linear(rank, width, bias=config.qkv_bias) if rank is not None else None
+        self.o_proj = nn.Linear(width, hidden, bias=config.o_bias)
         self.rope_pairs = [int(p) for p in config.rope_pair_index[layer_idx]]
         self.rotary_width = 2 * len(self.rope_pairs)
+        self.rope_mix = nn.Parameter(torch.ones(self.num_groups, len(self.rope_pairs)))
+        self.key_up = nn.Parameter(torch.zeros(self.num_groups, self.head_dim, nope_dim)) if nope_dim else None
+        self.value_up = nn.Parameter(torch.zeros(self.num_groups, self.head_dim, value_dim))
         self._gather: dict[torch.device, torch.Tensor] = {}
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
-        """Rotate the first `rotary_width` dims of x, pair n at source frequency rope_pairs[n]."""
-        gather = self._gather.get(cos.device)
+    def _pair_dims(self, device: torch.device) -> torch.Tensor:
+        """The source head dims of the rotated part's components: [p_n for n] + [p_n + D/2 for n]."""
+        gather = self._gather.get(device)
         if gather is None:  # built once per device, not in every forward
-            pairs, half = torch.tensor(self.rope_pairs, device=cos.device), self.config.head_dim // 2
-            gather = self._gather[cos.device] = torch.cat([pairs, pairs + half])
-        rotated = apply_rope(x[..., : self.rotary_width], cos[..., gather], sin[..., gather], unsqueeze_dim)
+            pairs, half = torch.tensor(self.rope_pairs, device=device), self.head_dim // 2
+            gather = self._gather[device] = torch.cat([pairs, pairs + half])
+        return gather
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first `rotary_width` dims of (B, 1, L, ·) cache rows, pair n at its source frequency."""
+        gather = self._pair_dims(cos.device)
+        rotated = apply_rope(x[..., : self.rotary_width], cos[..., gather], sin[..., gather], unsqueeze_dim=1)
         return torch.cat([rotated, x[..., self.rotary_width :]], dim=-1)
 
-    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        """The source-sized queries, (B, H, L, D), not yet rotated."""
         if self.q_proj is not None:
             q = self.q_proj(x)
         else:
             down = self.q_down(x)
             q = self.q_up(self.q_norm(down) if self.q_norm is not None else down)
-        q = q.unflatten(-1, (self.num_heads, self.query_width)).transpose(1, 2)
-        return self._rope(q, cos, sin, unsqueeze_dim=1)
+        return q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _per_group(self, x: torch.Tensor, maps: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """(B, H, L, ·) per-head vectors through their group's map (g, D, W): x @ map, or x @ mapᵀ."""
+        bsz, _, q_len, width = x.shape
+        grouped = x.reshape(bsz, self.num_groups, self.num_key_value_groups * q_len, width)
+        out = grouped @ (maps.transpose(1, 2) if transpose else maps)
+        return out.reshape(bsz, self.num_heads, q_len, -1)
 
     def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (B, 1, L, width) cache rows: what the subclass stores per token."""
         raise NotImplementedError
 
-    def _keys_and_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached rows -> the shared key and value heads the queries attend over."""
-        return keys, values
+    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Cached rows -> (rotated key part, un-rotated key part or None, value part), each (B, 1, T, ·)."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -378,61 +433,81 @@ class SharedKVAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
-        query = self._queries(hidden_states, cos, sin)
+        query = self._queries(hidden_states)
         keys, values = self._new_entries(hidden_states, cos, sin)
         if cache is not None:
             keys, values = cache.update(keys, values, self.layer_idx)
-        out, weights = self._attend(query, *self._keys_and_values(keys, values), attention_mask, **kwargs)
+        parts = self._parts(keys, values)
+        if q_len == 1 and not self.training:
+            out, weights = self._absorbed(query, cos, sin, *parts, attention_mask)
+        else:
+            out, weights = self._expanded(query, cos, sin, *parts, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
-    def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, H, L, d) queries against one (B, 1, T, d) key/value head; returns (B, L, H, d_V)."""
-        if query.shape[2] == 1 and not self.training and self.config._attn_implementation != "eager":
-            # Decoding: fold the heads into the query axis, so the one cached head is read once, never copied
-            # per query head; a (B, 1, 1, T) padding mask broadcasts over the folded heads. (Eager keeps the
-            # general path, which returns the attention probabilities.)
-            mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-            out = nn.functional.scaled_dot_product_attention(
-                query.transpose(1, 2), key, value, attn_mask=mask, scale=self.scaling
-            )
-            return out, None
+    def _expanded(self, query, cos, sin, rotated, nope, value, attention_mask, **kwargs):
+        """Prefill/training: g key/value heads of the source's head size, then the configured attention."""
+        mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1)  # (g, d_R): both components of each pair
+        place = nn.functional.one_hot(self._pair_dims(mix.device), self.head_dim).T.to(mix.dtype)  # (D, d_R)
+        rope_up = place * mix[:, None, :]  # (g, D, d_R): rotated pair n into source pair p_n, scaled per group
+        key = rotated @ rope_up.transpose(1, 2)  # (B, g, T, D): RoPE'd keys in the source's coordinates
+        rotated_query = apply_rope(query, cos, sin, unsqueeze_dim=1)
+        if nope is not None:  # MFA-KR: [RoPE part | NoPE part], read by the rotated and the plain query
+            key = torch.cat([key, nope @ self.key_up.transpose(1, 2)], dim=-1)
+            rotated_query = torch.cat([rotated_query, query], dim=-1)
+        query = rotated_query
+        value = value @ self.value_up.transpose(1, 2)  # (B, g, T, D)
         return registry_attention(self, query, key, value, attention_mask, **kwargs)
+
+    def _absorbed(self, query, cos, sin, rotated, nope, value, attention_mask):
+        """Decoding: the maps move into the query and the output; one attention over the single cached head."""
+        rotated_query = apply_rope(query, cos, sin, unsqueeze_dim=1)[..., self._pair_dims(query.device)]
+        mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1).repeat_interleave(self.num_key_value_groups, dim=0)
+        absorbed = [rotated_query * mix[:, None, :].to(query.dtype)]
+        key = rotated
+        if nope is not None:
+            absorbed.append(self._per_group(query, self.key_up, transpose=False))
+            key = torch.cat([rotated, nope], dim=-1)
+        out, weights = single_head_attention(self, torch.cat(absorbed, dim=-1), key, value, attention_mask)
+        out = self._per_group(out.transpose(1, 2), self.value_up, transpose=True)  # (B, H, 1, D)
+        return out.transpose(1, 2), weights
 
 
 class FactorConvMFAAttention(SharedKVAttention):
-    """MFA: one key head (key_dim) and one value head (value_dim) for all query heads; cache key_dim + value_dim."""
+    """MFA: one key head (key_dim, all rotated) and one value head (value_dim) for all query heads;
+    cache key_dim + value_dim per token."""
 
     def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        hidden, value_dim = config.hidden_size, config.value_dim[layer_idx]
+        super().__init__(config, layer_idx, config.value_dim[layer_idx], nope_dim=0)
+        hidden = config.hidden_size
         self.k_proj = nn.Linear(hidden, config.key_dim[layer_idx], bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, value_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * value_dim, hidden, bias=config.o_bias)
+        self.v_proj = nn.Linear(hidden, config.value_dim[layer_idx], bias=config.qkv_bias)
 
     def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self._rope(self.k_proj(x).unsqueeze(1), cos, sin, unsqueeze_dim=1)
-        return key, self.v_proj(x).unsqueeze(1)
+        return self._rope(self.k_proj(x).unsqueeze(1), cos, sin), self.v_proj(x).unsqueeze(1)
+
+    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        return keys, None, values
 
 
 class FactorConvMFAKRAttention(SharedKVAttention):
-    """MFA-KR: one cached vector c = [RoPE(c_rope) | c_nope] is the key; its c_nope part is also the value.
+    """MFA-KR: one cached vector c = [RoPE(c_rope) | c_nope]; keys read all of it, values read c_nope.
 
-    As in MLA's decoupled RoPE, the rotated part serves keys only, so the cache can hold c once, already
-    rotated: `values` in the cache layer is empty (zero width).
+    As in MLA's decoupled RoPE, the rotated part serves keys only, so the cache holds c once, already rotated:
+    `values` in the cache layer is empty (zero width).
     """
 
     def __init__(self, config: FactorConvConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        hidden, nope_dim = config.hidden_size, config.nope_dim[layer_idx]
-        self.c_proj = nn.Linear(hidden, config.rope_dim[layer_idx] + nope_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * nope_dim, hidden, bias=config.o_bias)
+        nope_dim = config.nope_dim[layer_idx]
+        super().__init__(config, layer_idx, value_dim=nope_dim, nope_dim=nope_dim)
+        self.c_proj = nn.Linear(config.hidden_size, config.rope_dim[layer_idx] + nope_dim, bias=config.qkv_bias)
 
     def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latent = self._rope(self.c_proj(x).unsqueeze(1), cos, sin, unsqueeze_dim=1)
+        latent = self._rope(self.c_proj(x).unsqueeze(1), cos, sin)
         return latent, latent[..., :0]  # c is cached once, as the key; nothing separate for values
 
-    def _keys_and_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return keys, keys[..., self.rotary_width :]
+    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nope = keys[..., self.rotary_width :]
+        return keys[..., : self.rotary_width], nope, nope
 
 
 ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention, "mfa": FactorConvMFAAttention, "mfa_kr": FactorConvMFAKRAttention}
@@ -487,6 +562,11 @@ class FactorConvPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, TensorProduct):
             init.normal_(module.head_mix, mean=0.0, std=module.rank**-0.5)
+        if isinstance(module, SharedKVAttention):
+            init.ones_(module.rope_mix)
+            for maps in (module.key_up, module.value_up):
+                if maps is not None:
+                    init.normal_(maps, mean=0.0, std=maps.shape[-1] ** -0.5)
 
 
 class FactorConvModel(FactorConvPreTrainedModel):

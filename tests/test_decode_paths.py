@@ -1,0 +1,56 @@
+"""Each attention's decode path (absorbed / concatenated factors, one cached head for all query heads) computes
+the same output as its prefill path (per-head keys and values through transformers' attention functions)."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from factorconv.modeling import CACHE_KEY, FactorConvConfig, FactorConvForCausalLM
+
+KINDS = {
+    "tpa": dict(attention="tpa", tpa_rank_k=2, tpa_rank_v=3),
+    "tpa_contextual": dict(attention="tpa", tpa_rank_k=2, tpa_rank_v=1, tpa_contextual=True),
+    "mfa": dict(attention="mfa", key_dim=12, value_dim=20),
+    "mfa_low_rank_q": dict(attention="mfa", key_dim=12, value_dim=20, query_rank=10),
+    "mfa_kr": dict(attention="mfa_kr", rope_dim=8, nope_dim=24),
+}
+
+
+def _layer(kind: str, impl: str):
+    torch.manual_seed(5)
+    config = FactorConvConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, qkv_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_pair_index=None, **KINDS[kind],
+    )
+    config._attn_implementation = impl
+    model = FactorConvForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_decode_step_equals_prefill_row(kind, impl):
+    model = _layer(kind, impl)
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the decode step's mask must hide it too
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **{CACHE_KEY: cache})
+        step = model(ids[:, -1:], attention_mask=mask, use_cache=True, **{CACHE_KEY: cache}).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-4 * float(full.abs().max()), rtol=0)
+    if impl == "eager":  # the decode path's probabilities come back, one distribution per head
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **{CACHE_KEY: cache})
+            out = model(ids[:, -1:], attention_mask=mask, output_attentions=True, **{CACHE_KEY: cache})
+        probs = out.attentions[0]
+        assert probs.shape == (2, 6, 1, 10)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 6, 1))
+        assert float(probs[1, :, 0, :3].abs().max()) == 0.0  # padded positions get no weight
