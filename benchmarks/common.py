@@ -37,6 +37,28 @@ LLAMA_3_2_1B = dict(  # the public config's shapes; weights are random in every 
         "original_max_position_embeddings": 8192,
     },
 )
+LLAMA_3_1_8B = dict(  # the public config's shapes (tests/fixtures/llama-3.1-8b)
+    LLAMA_3_2_1B,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    head_dim=128,
+    tie_word_embeddings=False,
+    rope_parameters={**LLAMA_3_2_1B["rope_parameters"], "factor": 8.0},
+)
+TINY_LLAMA = dict(  # CPU side of the decode benchmark: small enough for long contexts, 8 KV heads as the 8B
+    LLAMA_3_2_1B,
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=64,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def convert_and_load(source: Path, output: Path, **options) -> tuple[PreTrainedModel, float]:

@@ -1,112 +1,296 @@
-"""Long-context decoding on a GPU: KV-cache memory and speed of each target vs the source, Llama-3.2-1B shapes.
+"""Decoding speed and memory of every target against its source, at real model shapes and long contexts.
 
-    python benchmarks/decode_gpu.py [--batch 16] [--prompt 4096] [--new 128] [--budget 0.25]
+    python benchmarks/decode_gpu.py [--shapes 8b|1b|tiny] [--grid 1x4096,16x4096,4x32768,1x131072]
+        [--budgets 0.25,0.125] [--caches dynamic,static] [--static-grid 4x32768] [--steps 40] [--device cuda|cpu]
 
-Random weights (no download): speed and memory depend on shapes only. Converts the source to TPA, MFA and
-MFA-KR at `--budget` of its KV bytes (conversion on the GPU), then for each model times a prefill of
-`--prompt` tokens and greedy decoding of `--new` tokens at `--batch`, reading the cache that generate() built.
-Prints a Markdown table.
+Random weights in the converted shapes (speed and memory depend on shapes only; `convert_cost.py` times real
+conversions), bf16, HF `generate`, greedy. For each model and batch × context cell:
+  - decode step: a logits processor takes a timestamp after `torch.cuda.synchronize()` at every step; the step
+    time is the median gap over `--steps` steps (after `--skip` warm-up steps, which hold the compilation of the
+    static-cache decode), with the 10th–90th percentile;
+  - prefill: time to the first timestamp, median of the main run and `--prefill-repeats` more;
+  - peak memory (max allocated during the main run), parameter bytes, cache bytes measured from the cache that
+    generate returned, and the memory floor of a step, (parameter + cache bytes) / read bandwidth, the bandwidth
+    measured in the same run (a large bf16 reduction, median of 20);
+  - the largest batch at `--fit-context` that fits in `--fit-gib`, estimated from the measured per-sequence
+    memory of the largest-batch cell at that context (peak minus parameters, divided by the batch).
+The static cache is what `cache_implementation="static"` builds; on CUDA generate then compiles the decode step
+(torch.compile, mode reduce-overhead: CUDA graphs). A micro-benchmark first times one layer's decode attention
+through each kernel the model can choose. Rows go to stdout as a Markdown table and to `--json`.
 """
 
 import argparse
 import json
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from common import LLAMA_3_2_1B
-from factorconv.convert import convert
-from factorconv.evaluate.kv_cache import cache_bytes
-from factorconv.modeling import output_cache
-from factorconv.recipe import ConvertOptions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LLAMA_3_1_8B, LLAMA_3_2_1B, TINY_LLAMA, machine  # noqa: E402
+
+from factorconv.convert.plan import allocate_widths  # noqa: E402
+from factorconv.convert.source import SourceCheckpoint  # noqa: E402
+from factorconv.convert.target import build_target_config  # noqa: E402
+from factorconv.evaluate.kv_cache import cache_bytes  # noqa: E402
+from factorconv.modeling import FactorConvForCausalLM, output_cache  # noqa: E402
+from factorconv.recipe import ConvertOptions  # noqa: E402
+
+SHAPES = {"8b": LLAMA_3_1_8B, "1b": LLAMA_3_2_1B, "tiny": TINY_LLAMA}
+TARGETS = ("tpa", "mfa", "mfa-kr")
+
+
+class StepClock(LogitsProcessor):
+    """Records a synchronized timestamp each time generate asks for the next token's scores."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def read_bandwidth(device: torch.device, gib: float) -> float:
+    """Bytes per second a full read of a large bf16 tensor achieves (median of 20 reductions)."""
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    size = x.numel() * x.element_size()
+    times = []
+    for _ in range(22):
+        sync(device)
+        start = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return size / statistics.median(times[2:])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def target_config(source_config: LlamaConfig, to: str, budget: float):
+    """The converted model's config for a KV budget, planned from config.json alone (uniform widths)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source_config.save_pretrained(tmp)
+        options = ConvertOptions(source=tmp, output=Path(tmp) / "out", to=to, kv_budget=budget)
+        source = SourceCheckpoint(Path(tmp), require_weights=False)
+        return build_target_config(source, options, allocate_widths(options, source, None, torch.device("cpu")))
+
+
+def label(config) -> str:
+    if not hasattr(config, "attention"):
+        return f"source (GQA {config.num_attention_heads}/{config.num_key_value_heads})"
+    if config.attention == "tpa":
+        return f"TPA R_K={config.tpa_rank_k[0]}, R_V={config.tpa_rank_v[0]}"
+    if config.attention == "mfa":
+        return f"MFA d_K={config.key_dim[0]}, d_V={config.value_dim[0]}"
+    return f"MFA-KR d_R={config.rope_dim[0]}, d_N={config.nope_dim[0]}"
+
+
+def build(config, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    cls = FactorConvForCausalLM if hasattr(config, "attention") else LlamaForCausalLM
+    with torch.device(device):
+        model = cls(config).to(torch.bfloat16)
+    return model.eval()
+
 
 @torch.no_grad()
-def run(model, batch: int, prompt: int, new: int) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
-    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up at the measured shapes
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    prefill = float("inf")
-    for _ in range(2):  # best of two: a prefill is one step, easily disturbed
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        torch.cuda.synchronize()
-        prefill = min(prefill, time.perf_counter() - start)
+def measure_cell(model, batch: int, context: int, cache: str, args, device: torch.device) -> dict:
+    """One batch × context cell: prefill, per-step decode times, peak memory and cache bytes."""
+    generator = torch.Generator().manual_seed(batch * 7 + context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=generator).to(device)
+    new = args.skip + args.steps + 1
+    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    if cache == "static":
+        common["cache_implementation"] = "static"
+    clock = StepClock(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, return_dict_in_generate=True, **kwargs)
-    torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    cache = output_cache(out)
+    out = model.generate(
+        ids, max_new_tokens=new, min_new_tokens=new, logits_processor=LogitsProcessorList([clock]),
+        return_dict_in_generate=True, **common,
+    )
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    cached = cache_bytes(output_cache(out))
+    prefills = [clock.stamps[0] - start]
+    del out
+    for _ in range(args.prefill_repeats):
+        again = StepClock(device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, logits_processor=LogitsProcessorList([again]), **common)
+        prefills.append(again.stamps[0] - start)
+    gaps = [b - a for a, b in zip(clock.stamps[args.skip :], clock.stamps[args.skip + 1 :])]
+    quantiles = statistics.quantiles(gaps, n=10)
     return {
-        "cache_gib": cache_bytes(cache) / 2**30,
-        "bytes_per_token": cache_bytes(cache) / (batch * cache.get_seq_length()),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "prefill_s": prefill,
-        "decode_tok_s": batch * (new - 1) / max(total - prefill, 1e-9),
+        "batch": batch, "context": context, "cache": cache, "cache_bytes": cached, "peak_bytes": peak,
+        "prefill_s": statistics.median(prefills), "prefill_min_s": min(prefills), "prefill_max_s": max(prefills),
+        "step_s": statistics.median(gaps), "step_p10_s": quantiles[0], "step_p90_s": quantiles[-1], "steps": len(gaps),
     }
+
+
+@torch.no_grad()
+def attention_kernels(device: torch.device, cells: list[tuple[int, int]], heads: int, widths: list[tuple[int, int]]):
+    """One layer's decode attention (every head against one cached head) through SDPA and through two matrix
+    products, with and without a padding mask: median of 50 synchronized calls, milliseconds."""
+    rows = []
+    for batch, context in cells:
+        for key_width, value_width in widths:
+            q = torch.randn(batch, 1, heads, key_width, dtype=torch.bfloat16, device=device)
+            k = torch.randn(batch, 1, context, key_width, dtype=torch.bfloat16, device=device)
+            v = torch.randn(batch, 1, context, value_width, dtype=torch.bfloat16, device=device)
+            mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
+
+            def matmuls(mask=None):
+                scores = torch.matmul(q, k.transpose(2, 3)).float()
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                return torch.matmul(scores.softmax(-1).to(q.dtype), v)
+
+            variants = {
+                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                "sdpa+mask": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                "matmul": matmuls,
+                "matmul+mask": lambda: matmuls(mask),
+            }
+            row = {"batch": batch, "context": context, "key_width": key_width, "value_width": value_width}
+            for name, fn in variants.items():
+                try:
+                    times = []
+                    for _ in range(55):
+                        sync(device)
+                        start = time.perf_counter()
+                        fn()
+                        sync(device)
+                        times.append(time.perf_counter() - start)
+                    row[name] = statistics.median(times[5:]) * 1e3
+                except RuntimeError as err:  # a backend that refuses these shapes
+                    row[name] = str(err).splitlines()[0][:60]
+            row["read_mib"] = (k.numel() + v.numel()) * 2 / 2**20
+            rows.append(row)
+            del q, k, v
+    return rows
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(n) for n in cell.split("x")) for cell in text.split(",") if cell]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt", type=int, default=4096)
-    parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--shapes", choices=list(SHAPES), default="8b")
+    parser.add_argument("--grid", default="1x4096,16x4096,4x32768,1x131072", help="batch x context cells")
+    parser.add_argument("--budgets", default="0.25,0.125", help="fractions of the source's KV bytes")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--caches", default="dynamic,static")
+    parser.add_argument("--static-grid", default=None, help="cells for the static cache (default: --grid)")
+    parser.add_argument("--no-source", action="store_true", help="targets only (the source measured elsewhere)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=6, help="decode steps not timed (compilation, warm-up)")
+    parser.add_argument("--prefill-repeats", type=int, default=2)
+    parser.add_argument("--fit-context", type=int, default=32768)
+    parser.add_argument("--fit-gib", type=float, default=120.0)
+    parser.add_argument("--kernels", action="store_true", help="also the decode-attention micro-benchmark")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**LLAMA_3_2_1B)
-    width = int(args.budget * cfg.num_key_value_heads * cfg.head_dim)
-    targets = {
-        "source (GQA 32/8)": None,
-        f"TPA R_K=R_V={int(args.budget * cfg.num_key_value_heads)}": dict(
-            to="tpa", rank_k=int(args.budget * cfg.num_key_value_heads), rank_v=int(args.budget * cfg.num_key_value_heads)
-        ),
-        f"MFA d_K=d_V={width}": dict(to="mfa", key_dim=width, value_dim=width),
-        f"MFA-KR d_R=d_N={width}": dict(to="mfa_kr", rope_dim=width, nope_dim=width),
-    }
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "source"
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        model.save_pretrained(source)
+    device = torch.device(args.device)
+    source_config = LlamaConfig(**SHAPES[args.shapes], architectures=["LlamaForCausalLM"])
+    grid, static_grid = parse_grid(args.grid), parse_grid(args.static_grid or args.grid)
+    caches = args.caches.split(",")
+    bandwidth = read_bandwidth(device, 4.0) if device.type == "cuda" else None  # a CPU sum is not bandwidth-bound
+    result = {"machine": machine(), "shapes": args.shapes, "bandwidth": bandwidth}
+    print(result, flush=True)
+    if args.kernels:
+        widths = sorted({(w, w) for w in (128, 256)} | {(512, 256), (256, 128)})
+        result["kernels"] = attention_kernels(device, [(4, 32768), (1, 131072)], source_config.num_attention_heads, widths)
+        for row in result["kernels"]:
+            print(row, flush=True)
+    configs = [] if args.no_source else [source_config]
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        configs += [target_config(source_config, to, budget) for to in args.targets.split(",")]
+    result["models"] = []
+    for config in configs:
+        model = build(config, device)
+        entry = {"model": label(config), "params": sum(p.numel() for p in model.parameters()), "cells": []}
+        entry["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        for cache in caches:
+            for batch, context in grid if cache == "dynamic" else static_grid:
+                try:
+                    cell = measure_cell(model, batch, context, cache, args, device)
+                except torch.OutOfMemoryError:
+                    cell = {"batch": batch, "context": context, "cache": cache, "oom": True}
+                entry["cells"].append(cell)
+                print(entry["model"], cell, flush=True)
+        result["models"].append(entry)
         del model
-        for name, options in targets.items():
-            folder, seconds = source, 0.0
-            if options is not None:
-                start = time.perf_counter()
-                folder = convert(
-                    ConvertOptions(source=str(source), output=Path(tmp) / "out", overwrite=True, device="cuda", **options),
-                    progress=False,
-                )
-                seconds = time.perf_counter() - start
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
-            try:
-                rows.append({"model": name, "convert_s": seconds, **run(model, args.batch, args.prompt, args.new)})
-            except torch.OutOfMemoryError:
-                rows.append({"model": name, "convert_s": seconds, "oom": True})
-            del model
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch {args.batch}, "
-        f"prompt {args.prompt}, {args.new} new tokens, Llama-3.2-1B shapes (random weights)\n"
-    )
-    print("| model | KV bytes/token | cache GiB | peak GiB | prefill s | decode tok/s | convert s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if r.get("oom"):
-            print(f"| {r['model']} | out of memory | | | | | {r['convert_s']:.1f} |")
-            continue
-        print(
-            f"| {r['model']} | {r['bytes_per_token']:,.0f} | {r['cache_gib']:.2f} | {r['peak_gib']:.1f} | "
-            f"{r['prefill_s']:.2f} | {r['decode_tok_s']:,.0f} | {r['convert_s']:.1f} |"
-        )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(result, indent=1))
+    print_tables(result, args.fit_context, args.fit_gib)
+
+
+def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
+    bandwidth = result["bandwidth"]
+    where = f"read bandwidth {bandwidth / 1e9:,.0f} GB/s" if bandwidth else "no memory floor on a CPU"
+    print(f"\n{result['machine']}, bf16, {result['shapes']} shapes (random weights), HF generate, greedy; {where}\n")
+    print("| batch × context | cache | model | params GB | cache GiB | peak GiB | prefill s | decode step ms (p10–p90) "
+          "| vs source | % of memory floor |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    cells = sorted({(c["batch"], c["context"], c["cache"]) for m in result["models"] for c in m["cells"]},
+                   key=lambda c: (c[1] * c[0], c[2]))
+    for batch, context, cache in cells:
+        base = None
+        for model in result["models"]:
+            cell = next((c for c in model["cells"] if (c["batch"], c["context"], c["cache"]) == (batch, context, cache)), None)
+            if cell is None:
+                continue
+            where = f"| {batch} × {context // 1024}K | {cache} | {model['model']} | {model['param_bytes'] / 1e9:.1f} |"
+            if cell.get("oom"):
+                print(f"{where} out of memory | | | | | |")
+                continue
+            if model["model"].startswith("source"):
+                base = cell["step_s"]
+            floor = f"{(model['param_bytes'] + cell['cache_bytes']) / bandwidth / cell['step_s']:.0%}" if bandwidth else ""
+            versus = f"{cell['step_s'] / base:.2f}×" if base else ""
+            peak = f"{cell['peak_bytes'] / 2**30:.1f}" if cell["peak_bytes"] is not None else ""
+            print(f"{where} {cell['cache_bytes'] / 2**30:.2f} | {peak} | {cell['prefill_s']:.2f} | "
+                  f"{cell['step_s'] * 1e3:.1f} ({cell['step_p10_s'] * 1e3:.1f}–{cell['step_p90_s'] * 1e3:.1f}) | "
+                  f"{versus} | {floor} |")
+    print(f"\nLargest batch at {fit_context // 1024}K context in {fit_gib:.0f} GiB (estimated from the measured "
+          "per-sequence memory of the largest batch measured at that context, dynamic cache):\n")
+    print("| model | measured at batch | GiB per sequence | largest batch |")
+    print("|---|---:|---:|---:|")
+    for model in result["models"]:
+        cells = [c for c in model["cells"] if c["context"] == fit_context and c["cache"] == "dynamic"
+                 and not c.get("oom") and c["peak_bytes"] is not None]
+        if not cells:
+            continue
+        cell = max(cells, key=lambda c: c["batch"])
+        per_sequence = (cell["peak_bytes"] - model["param_bytes"]) / cell["batch"]
+        largest = int((fit_gib * 2**30 - model["param_bytes"]) // per_sequence)
+        print(f"| {model['model']} | {cell['batch']} | {per_sequence / 2**30:.2f} | {largest} |")
+    if "kernels" in result:
+        print("\nOne layer's decode attention, every head against one cached head (ms, median of 50):\n")
+        print("| batch × context | key/value width | MiB read | sdpa | sdpa+mask | matmul | matmul+mask |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for row in result["kernels"]:
+            values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in ("sdpa", "sdpa+mask", "matmul", "matmul+mask")]
+            print(f"| {row['batch']} × {row['context'] // 1024}K | {row['key_width']}/{row['value_width']} | "
+                  f"{row['read_mib']:.0f} | " + " | ".join(values) + " |")
 
 
 if __name__ == "__main__":

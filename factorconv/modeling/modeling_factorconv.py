@@ -204,17 +204,22 @@ def single_head_attention(
     (B, 1, T, V) values -> (B, 1, H, V) and the probabilities (B, H, 1, T) under eager attention.
 
     The heads are folded into the query axis, so the cache is read once for all heads and never copied per head;
-    a (B, 1, 1, T) padding mask broadcasts over the folded heads.
+    a (B, 1, 1, T) padding mask broadcasts over the folded heads. SDPA runs it where its flash kernel applies
+    (no mask, equal key/value widths up to 256: it splits the long key axis over the GPU); otherwise two matrix
+    products, which spread over the tokens too, where the other kernels would give the few folded rows one block.
     """
     folded = query.transpose(1, 2)  # (B, 1, H, W)
     mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-    if module.config._attn_implementation != "eager":
-        return nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=module.scaling), None
-    scores = torch.matmul(folded, key.transpose(2, 3)).float() * module.scaling
+    eager = module.config._attn_implementation == "eager"
+    if not eager and mask is None and key.shape[-1] == value.shape[-1] <= 256:
+        return nn.functional.scaled_dot_product_attention(folded, key, value, scale=module.scaling), None
+    # Scores as key @ queryᵀ, (B, 1, T, H): the cache is the left operand in its own layout (no transposed copy).
+    scores = torch.matmul(key, folded.transpose(2, 3)).float() * module.scaling
     if mask is not None:
+        mask = mask.transpose(2, 3)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(dim=-1).to(query.dtype)
-    return torch.matmul(probs, value), probs.transpose(1, 2)
+    probs = scores.softmax(dim=-2).to(query.dtype).transpose(2, 3)  # (B, 1, H, T)
+    return torch.matmul(probs, value), probs.transpose(1, 2) if eager else None
 
 
 def _masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -420,7 +425,8 @@ class SharedKVAttention(nn.Module):
         raise NotImplementedError
 
     def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Cached rows -> (rotated key part, un-rotated key part or None, value part), each (B, 1, T, ·)."""
+        """Cached rows -> (the key row [rotated | un-rotated], its un-rotated part or None, the value part), each
+        (B, 1, T, ·) and views of the cache (decoding reads them in place)."""
         raise NotImplementedError
 
     def forward(
@@ -444,8 +450,9 @@ class SharedKVAttention(nn.Module):
             out, weights = self._expanded(query, cos, sin, *parts, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
-    def _expanded(self, query, cos, sin, rotated, nope, value, attention_mask, **kwargs):
+    def _expanded(self, query, cos, sin, key_row, nope, value, attention_mask, **kwargs):
         """Prefill/training: g key/value heads of the source's head size, then the configured attention."""
+        rotated = key_row[..., : self.rotary_width]
         mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1)  # (g, d_R): both components of each pair
         place = nn.functional.one_hot(self._pair_dims(mix.device), self.head_dim).T.to(mix.dtype)  # (D, d_R)
         rope_up = place * mix[:, None, :]  # (g, D, d_R): rotated pair n into source pair p_n, scaled per group
@@ -456,18 +463,21 @@ class SharedKVAttention(nn.Module):
             rotated_query = torch.cat([rotated_query, query], dim=-1)
         query = rotated_query
         value = value @ self.value_up.transpose(1, 2)  # (B, g, T, D)
-        return registry_attention(self, query, key, value, attention_mask, **kwargs)
+        width = value.shape[-1]
+        if key.shape[-1] != width and self.config._attn_implementation != "eager":
+            # Fused kernels (flash) want equal key and value widths: pad the values, as DeepSeek-V3's flash path does.
+            value = nn.functional.pad(value, (0, key.shape[-1] - width))
+        out, weights = registry_attention(self, query, key, value, attention_mask, **kwargs)
+        return out[..., :width], weights
 
-    def _absorbed(self, query, cos, sin, rotated, nope, value, attention_mask):
+    def _absorbed(self, query, cos, sin, key_row, nope, value, attention_mask):
         """Decoding: the maps move into the query and the output; one attention over the single cached head."""
         rotated_query = apply_rope(query, cos, sin, unsqueeze_dim=1)[..., self._pair_dims(query.device)]
         mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1).repeat_interleave(self.num_key_value_groups, dim=0)
         absorbed = [rotated_query * mix[:, None, :].to(query.dtype)]
-        key = rotated
         if nope is not None:
             absorbed.append(self._per_group(query, self.key_up, transpose=False))
-            key = torch.cat([rotated, nope], dim=-1)
-        out, weights = single_head_attention(self, torch.cat(absorbed, dim=-1), key, value, attention_mask)
+        out, weights = single_head_attention(self, torch.cat(absorbed, dim=-1), key_row, value, attention_mask)
         out = self._per_group(out.transpose(1, 2), self.value_up, transpose=True)  # (B, H, 1, D)
         return out.transpose(1, 2), weights
 
@@ -507,7 +517,7 @@ class FactorConvMFAKRAttention(SharedKVAttention):
 
     def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nope = keys[..., self.rotary_width :]
-        return keys[..., : self.rotary_width], nope, nope
+        return keys, nope, nope
 
 
 ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention, "mfa": FactorConvMFAAttention, "mfa_kr": FactorConvMFAKRAttention}
