@@ -72,6 +72,24 @@ def test_cached_greedy_equals_uncached_step_by_step(models, kind, batch, cache):
     assert output_cache(uncached) is None
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_compiled_static_decode_equals_uncached(models, kind):
+    """generate's own compilation of the decode step over a static cache (what it does on a GPU; fullgraph, so a
+    graph break fails) gives the uncached tokens. Each kind compiles its decode step once, ~10 s on a CPU."""
+    from transformers import CompileConfig
+
+    model = copy.deepcopy(models[kind])
+    ids, mask = left_padded([9, 6], seed=4)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = greedy(model, ids, mask, cache_implementation="static", compile_config=compile_config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really was compiled
+    uncached = greedy(model, ids, mask, use_cache=False)
+    assert torch.equal(compiled.sequences, uncached.sequences)
+
+
 @pytest.mark.parametrize("kind", ["tpa", "mfa_kr"])
 def test_assistant_model(models, kind):
     """Assisted decoding (another converted model drafts, this one verifies) gives plain greedy's tokens."""
