@@ -12,5 +12,5 @@ AutoConfig.register(FactorConvConfig.model_type, FactorConvConfig, exist_ok=True
 AutoModel.register(FactorConvConfig, FactorConvModel, exist_ok=True)
 AutoModelForCausalLM.register(FactorConvConfig, FactorConvForCausalLM, exist_ok=True)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["FactorConvConfig", "FactorConvForCausalLM", "__version__"]

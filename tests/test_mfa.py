@@ -142,3 +142,27 @@ def test_rank_reduction_reports_growing_error(target, converted):
         report = json.loads((converted("llama_gqa", **options) / "factorconv_report.json").read_text())
         errors.append(max(layer["key_error"] + layer["value_error"] for layer in report["layers"]))
     assert errors[0] < 1e-6 < errors[1] < errors[2]
+
+
+@pytest.mark.parametrize("target", list(REDUCED))
+def test_parameters_are_the_sources_or_fewer(target, converted, source_model, load_model):
+    """The factored form keeps the source's q/o projections and caches less: no more weights than the source."""
+    model = load_model(converted("llama_gqa", **REDUCED[target]))
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (model.config.num_attention_heads * model.config.head_dim, model.config.hidden_size)
+    assert sum(p.numel() for p in model.parameters()) <= sum(p.numel() for p in source_model("llama_gqa").parameters())
+
+
+@pytest.mark.parametrize("target", list(REDUCED))
+def test_a_folder_in_the_old_absorbed_layout_is_refused(target, converted, tmp_path, load_model):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "old"
+    shutil.copytree(converted("llama_gqa", **REDUCED[target]), folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("attention_layout") == "factored"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="absorbed layout.*trust_remote_code=True.*convert it again"):
+        AutoModelForCausalLM.from_pretrained(folder)

@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import factorconv
 from factorconv.cli import main
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
 from factorconv.recipe import RecipeError, load_recipe, parse_recipe, section_keys
@@ -263,7 +264,7 @@ def test_run_convert_eval_then_reuse(workdir):
 
     # The exact recipe after overrides is saved, and reloads to the same recipe.
     saved = (out / "factorconv_recipe.yaml").read_text()
-    assert saved.startswith(f"# factorconv 0.1.0 ran this recipe: {path} --set eval.max_tokens=300\n")
+    assert saved.startswith(f"# factorconv {factorconv.__version__} ran this recipe: {path} --set eval.max_tokens=300\n")
     assert yaml.safe_load(saved)["eval"] == {"data": "eval.txt", "seq_len": 64, "max_tokens": 300}
     assert parse_recipe(yaml.safe_load(saved)) == load_recipe(path, ["eval.max_tokens=300"])
     card = (out / "README.md").read_text()
