@@ -143,8 +143,8 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
 
 @torch.no_grad()
 def attention_kernels(device: torch.device, cells: list[tuple[int, int]], heads: int, widths: list[tuple[int, int]]):
-    """One layer's decode attention (every head against one cached head) through SDPA and through two matrix
-    products, with and without a padding mask: median of 50 synchronized calls, milliseconds."""
+    """One layer's decode attention (every head against one cached head) through SDPA (with and without a
+    padding mask) and through two matrix products (either operand order): median of 50 synchronized calls, ms."""
     rows = []
     for batch, context in cells:
         for key_width, value_width in widths:
@@ -153,17 +153,19 @@ def attention_kernels(device: torch.device, cells: list[tuple[int, int]], heads:
             v = torch.randn(batch, 1, context, value_width, dtype=torch.bfloat16, device=device)
             mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
 
-            def matmuls(mask=None):
-                scores = torch.matmul(q, k.transpose(2, 3)).float()
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            def key_first():  # the model's matrix-product path: scores as key @ queryᵀ, softmax over tokens
+                scores = torch.matmul(k, q.transpose(2, 3)).float().masked_fill(~mask.transpose(2, 3), -1e30)
+                return torch.matmul(scores.softmax(-2).to(q.dtype).transpose(2, 3), v)
+
+            def query_first():  # the same with scores as query @ keyᵀ
+                scores = torch.matmul(q, k.transpose(2, 3)).float().masked_fill(~mask, -1e30)
                 return torch.matmul(scores.softmax(-1).to(q.dtype), v)
 
             variants = {
                 "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
                 "sdpa+mask": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                "matmul": matmuls,
-                "matmul+mask": lambda: matmuls(mask),
+                "k@q+mask": key_first,
+                "q@k+mask": query_first,
             }
             row = {"batch": batch, "context": context, "key_width": key_width, "value_width": value_width}
             for name, fn in variants.items():
@@ -285,10 +287,10 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
         print(f"| {model['model']} | {cell['batch']} | {per_sequence / 2**30:.2f} | {largest} |")
     if "kernels" in result:
         print("\nOne layer's decode attention, every head against one cached head (ms, median of 50):\n")
-        print("| batch × context | key/value width | MiB read | sdpa | sdpa+mask | matmul | matmul+mask |")
+        print("| batch × context | key/value width | MiB read | sdpa | sdpa+mask | k@q+mask | q@k+mask |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for row in result["kernels"]:
-            values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in ("sdpa", "sdpa+mask", "matmul", "matmul+mask")]
+            values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in ("sdpa", "sdpa+mask", "k@q+mask", "q@k+mask")]
             print(f"| {row['batch']} × {row['context'] // 1024}K | {row['key_width']}/{row['value_width']} | "
                   f"{row['read_mib']:.0f} | " + " | ".join(values) + " |")
 

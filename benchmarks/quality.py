@@ -60,7 +60,7 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict
         calib=str(spec["calib"]), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         device=args.device,
     )
-    calibration_tokens(calib["calib"], spec["folder"], args.calib_samples, args.calib_seq_len)  # fail early
+    calibration_tokens(calib["calib"], spec["folder"], args.calib_samples, args.calib_seq_len, source.config)  # fail early
     with tempfile.TemporaryDirectory() as tmp:
         for budget in BUDGETS:
             heads = budget * kv_heads
