@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from factorconv.modeling import CACHE_KEY, FactorConvConfig, FactorConvForCausalLM
+from factorconv.modeling import modeling_factorconv as modeling
 
 KINDS = {
     "tpa": dict(attention="tpa", tpa_rank_k=2, tpa_rank_v=3),
@@ -32,10 +33,13 @@ def _layer(kind: str, impl: str):
     return model
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "sdpa-matmul"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_decode_step_equals_prefill_row(kind, impl):
-    model = _layer(kind, impl)
+def test_decode_step_equals_prefill_row(kind, impl, monkeypatch):
+    """sdpa-matmul: the two-product path that CUDA takes where its flash kernel does not apply."""
+    if impl == "sdpa-matmul":
+        monkeypatch.setattr(modeling, "fused_decode_applies", lambda key, mask: False)
+    model = _layer(kind, impl.split("-")[0])
     ids = torch.randint(0, 64, (2, 10))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the decode step's mask must hide it too

@@ -197,22 +197,36 @@ def registry_attention(
     return attention_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
 
 
+def fused_decode_applies(key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether SDPA's fused kernel suits a decode step over one cached head of equal key/value widths."""
+    return key.device.type == "cpu" or mask is None and key.shape[-1] <= 256
+
+
 def single_head_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | int, attention_mask
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decoding step of every head against one cached head: (B, H, 1, W) queries, (B, 1, T, W) keys,
-    (B, 1, T, V) values -> (B, 1, H, V) and the probabilities (B, H, 1, T) under eager attention.
+    (B, 1, T, V) values -> (B, 1, H, V) and the probabilities (B, H, 1, T) under eager attention. `value` may be
+    an offset: the values are then `key[..., value:]` (MFA-KR's latent, read in place).
 
     The heads are folded into the query axis, so the cache is read once for all heads and never copied per head;
-    a (B, 1, 1, T) padding mask broadcasts over the folded heads. SDPA runs it where its flash kernel applies
-    (no mask, equal key/value widths up to 256: it splits the long key axis over the GPU); otherwise two matrix
-    products, which spread over the tokens too, where the other kernels would give the few folded rows one block.
+    a (B, 1, 1, T) padding mask broadcasts over the folded heads. A fused SDPA kernel runs it where one applies
+    to equal key/value widths (CUDA's flash kernel: no mask, widths up to 256; it splits the long key axis over
+    the GPU. On a CPU any mask and width), reading values that are part of the key as the whole key row and
+    keeping the part of the output they make; otherwise two matrix products, which spread over the tokens too,
+    where CUDA's other fused kernels would give the few folded query rows one thread block.
     """
     folded = query.transpose(1, 2)  # (B, 1, H, W)
     mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
     eager = module.config._attn_implementation == "eager"
-    if not eager and mask is None and key.shape[-1] == value.shape[-1] <= 256:
-        return nn.functional.scaled_dot_product_attention(folded, key, value, scale=module.scaling), None
+    offset = value if isinstance(value, int) else None
+    equal = offset is not None or value.shape[-1] == key.shape[-1]
+    if not eager and equal and fused_decode_applies(key, mask):
+        whole = key if offset is not None else value
+        out = nn.functional.scaled_dot_product_attention(folded, key, whole, attn_mask=mask, scale=module.scaling)
+        return (out[..., offset:] if offset is not None else out), None
+    if offset is not None:
+        value = key[..., offset:]
     # Scores as key @ queryᵀ, (B, 1, T, H): the cache is the left operand in its own layout (no transposed copy).
     scores = torch.matmul(key, folded.transpose(2, 3)).float() * module.scaling
     if mask is not None:
@@ -424,9 +438,9 @@ class SharedKVAttention(nn.Module):
         """This step's (B, 1, L, width) cache rows: what the subclass stores per token."""
         raise NotImplementedError
 
-    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Cached rows -> (the key row [rotated | un-rotated], its un-rotated part or None, the value part), each
-        (B, 1, T, ·) and views of the cache (decoding reads them in place)."""
+    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | int]:
+        """Cached rows -> (the key row [rotated | un-rotated], its un-rotated part or None, the values or, when
+        they are part of the key row, their offset in it); views of the cache (decoding reads them in place)."""
         raise NotImplementedError
 
     def forward(
@@ -453,6 +467,7 @@ class SharedKVAttention(nn.Module):
     def _expanded(self, query, cos, sin, key_row, nope, value, attention_mask, **kwargs):
         """Prefill/training: g key/value heads of the source's head size, then the configured attention."""
         rotated = key_row[..., : self.rotary_width]
+        value = key_row[..., value:] if isinstance(value, int) else value
         mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1)  # (g, d_R): both components of each pair
         place = nn.functional.one_hot(self._pair_dims(mix.device), self.head_dim).T.to(mix.dtype)  # (D, d_R)
         rope_up = place * mix[:, None, :]  # (g, D, d_R): rotated pair n into source pair p_n, scaled per group
@@ -515,9 +530,8 @@ class FactorConvMFAKRAttention(SharedKVAttention):
         latent = self._rope(self.c_proj(x).unsqueeze(1), cos, sin)
         return latent, latent[..., :0]  # c is cached once, as the key; nothing separate for values
 
-    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        nope = keys[..., self.rotary_width :]
-        return keys, nope, nope
+    def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return keys, keys[..., self.rotary_width :], self.rotary_width
 
 
 ATTENTION_CLASSES = {"tpa": FactorConvTPAAttention, "mfa": FactorConvMFAAttention, "mfa_kr": FactorConvMFAKRAttention}
