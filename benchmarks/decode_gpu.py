@@ -207,7 +207,14 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="also the decode-attention micro-benchmark")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--tables-from", type=Path, nargs="+", help="print the tables of earlier --json files")
     args = parser.parse_args()
+    if args.tables_from:
+        runs = [json.loads(path.read_text()) for path in args.tables_from]
+        merged = {**runs[0], "models": [m for run in runs for m in run["models"]]}
+        merged["kernels"] = [k for run in runs for k in run.get("kernels", [])]
+        print_tables(merged, args.fit_context, args.fit_gib)
+        return
     device = torch.device(args.device)
     source_config = LlamaConfig(**SHAPES[args.shapes], architectures=["LlamaForCausalLM"])
     grid, static_grid = parse_grid(args.grid), parse_grid(args.static_grid or args.grid)
@@ -237,6 +244,8 @@ def main() -> None:
                 entry["cells"].append(cell)
                 print(entry["model"], cell, flush=True)
         result["models"].append(entry)
+        if args.json:  # after every model, so a run stopped at its time limit keeps what it measured
+            args.json.write_text(json.dumps(result, indent=1))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -285,7 +294,7 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
         per_sequence = (cell["peak_bytes"] - model["param_bytes"]) / cell["batch"]
         largest = int((fit_gib * 2**30 - model["param_bytes"]) // per_sequence)
         print(f"| {model['model']} | {cell['batch']} | {per_sequence / 2**30:.2f} | {largest} |")
-    if "kernels" in result:
+    if result.get("kernels"):
         print("\nOne layer's decode attention, every head against one cached head (ms, median of 50):\n")
         print("| batch × context | key/value width | MiB read | sdpa | sdpa+mask | k@q+mask | q@k+mask |")
         print("|---|---|---:|---:|---:|---:|---:|")
