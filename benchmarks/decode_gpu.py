@@ -20,6 +20,7 @@ through each kernel the model can choose. Rows go to stdout as a Markdown table 
 """
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -96,11 +97,18 @@ def label(config) -> str:
 
 
 def build(config, device: torch.device) -> torch.nn.Module:
+    """The model with random weights, created in bf16 on the device (no float32 copy on the way)."""
     torch.manual_seed(0)
     config._attn_implementation = "sdpa"
     cls = FactorConvForCausalLM if hasattr(config, "attention") else LlamaForCausalLM
-    with torch.device(device):
-        model = cls(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    gc.collect()
     return model.eval()
 
 
@@ -114,9 +122,12 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
     if cache == "static":
         common["cache_implementation"] = "static"
     clock = StepClock(device)
+    resting = None
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        resting = torch.cuda.memory_allocated()  # parameters and anything else held before generate starts
     start = time.perf_counter()
     out = model.generate(
         ids, max_new_tokens=new, min_new_tokens=new, logits_processor=LogitsProcessorList([clock]),
@@ -135,7 +146,7 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
     gaps = [b - a for a, b in zip(clock.stamps[args.skip :], clock.stamps[args.skip + 1 :])]
     quantiles = statistics.quantiles(gaps, n=10)
     return {
-        "batch": batch, "context": context, "cache": cache, "cache_bytes": cached, "peak_bytes": peak,
+        "batch": batch, "context": context, "cache": cache, "cache_bytes": cached, "peak_bytes": peak, "resting_bytes": resting,
         "prefill_s": statistics.median(prefills), "prefill_min_s": min(prefills), "prefill_max_s": max(prefills),
         "step_s": statistics.median(gaps), "step_p10_s": quantiles[0], "step_p90_s": quantiles[-1], "steps": len(gaps),
     }

@@ -197,9 +197,11 @@ def registry_attention(
     return attention_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
 
 
-def fused_decode_applies(key: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether SDPA's fused kernel suits a decode step over one cached head of equal key/value widths."""
-    return key.device.type == "cpu" or mask is None and key.shape[-1] <= 256
+def fused_decode_applies(key: torch.Tensor) -> bool:
+    """Whether SDPA's fused kernel is the fastest way through a decode step over one cached head of equal key and
+    value widths: on a CPU it is (it takes any mask and width); on a GPU two matrix products beat every SDPA kernel
+    by 2-30x (benchmarks/results/decode_gpu.md: the fused kernels give the few folded query rows few blocks)."""
+    return key.device.type == "cpu"
 
 
 def single_head_attention(
@@ -210,29 +212,25 @@ def single_head_attention(
     an offset: the values are then `key[..., value:]` (MFA-KR's latent, read in place).
 
     The heads are folded into the query axis, so the cache is read once for all heads and never copied per head;
-    a (B, 1, 1, T) padding mask broadcasts over the folded heads. A fused SDPA kernel runs it where one applies
-    to equal key/value widths (CUDA's flash kernel: no mask, widths up to 256; it splits the long key axis over
-    the GPU. On a CPU any mask and width), reading values that are part of the key as the whole key row and
-    keeping the part of the output they make; otherwise two matrix products, which spread over the tokens too,
-    where CUDA's other fused kernels would give the few folded query rows one thread block.
+    a (B, 1, 1, T) padding mask broadcasts over the folded heads. Where SDPA's fused kernel is the faster way
+    (`fused_decode_applies`) it runs with values that are part of the key read as the whole key row, keeping the
+    part of the output they make; otherwise two matrix products, which spread over the tokens.
     """
     folded = query.transpose(1, 2)  # (B, 1, H, W)
     mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
     eager = module.config._attn_implementation == "eager"
     offset = value if isinstance(value, int) else None
     equal = offset is not None or value.shape[-1] == key.shape[-1]
-    if not eager and equal and fused_decode_applies(key, mask):
+    if not eager and equal and fused_decode_applies(key):
         whole = key if offset is not None else value
         out = nn.functional.scaled_dot_product_attention(folded, key, whole, attn_mask=mask, scale=module.scaling)
         return (out[..., offset:] if offset is not None else out), None
     if offset is not None:
         value = key[..., offset:]
-    # Scores as key @ queryᵀ, (B, 1, T, H): the cache is the left operand in its own layout (no transposed copy).
-    scores = torch.matmul(key, folded.transpose(2, 3)).float() * module.scaling
+    scores = torch.matmul(folded, key.transpose(2, 3)).float() * module.scaling
     if mask is not None:
-        mask = mask.transpose(2, 3)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(dim=-2).to(query.dtype).transpose(2, 3)  # (B, 1, H, T)
+    probs = scores.softmax(dim=-1).to(query.dtype)
     return torch.matmul(probs, value), probs.transpose(1, 2) if eager else None
 
 
