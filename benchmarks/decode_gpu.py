@@ -121,6 +121,8 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
     common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
     if cache == "static":
         common["cache_implementation"] = "static"
+    if args.prefill_chunk:
+        common["prefill_chunk_size"] = args.prefill_chunk
     clock = StepClock(device)
     resting = None
     if device.type == "cuda":
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=6, help="decode steps not timed (compilation, warm-up)")
     parser.add_argument("--prefill-repeats", type=int, default=2)
+    parser.add_argument("--prefill-chunk", type=int, help="generate's prefill_chunk_size (bounds prefill activations)")
     parser.add_argument("--fit-context", type=int, default=32768)
     parser.add_argument("--fit-gib", type=float, default=120.0)
     parser.add_argument("--kernels", action="store_true", help="also the decode-attention micro-benchmark")

@@ -73,6 +73,18 @@ def test_cached_greedy_equals_uncached_step_by_step(models, kind, batch, cache):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_chunked_prefill_equals_uncached(models, kind):
+    """`prefill_chunk_size` (what bounds prefill activations at long contexts) feeds the prompt in pieces that
+    attend to the cached factors of the pieces before them."""
+    ids = random_ids(2, 23, seed=5)
+    mask = torch.ones_like(ids)
+    chunked = greedy(models[kind], ids, mask, prefill_chunk_size=8)
+    uncached = greedy(models[kind], ids, mask, use_cache=False)
+    assert torch.equal(chunked.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_compiled_static_decode_equals_uncached(models, kind):
     """generate's own compilation of the decode step over a static cache (what it does on a GPU; fullgraph, so a
     graph break fails) gives the uncached tokens. Each kind compiles its decode step once, ~10 s on a CPU."""
