@@ -8,7 +8,8 @@ g·D/2 of them the merge is an orthogonal change of basis, hence exact.
 
 Values. With G = blockdiag_j Σ_{i reads j} W_O,iᵀ W_O,i, minimising Σ_i E‖W_O,i(v_γ(i) − v̂_γ(i))‖² is a PCA
 of G^{1/2} v: keep the top d_V eigenvectors Y of G^{1/2} C_V G^{1/2}, cache c = Yᵀ G^{1/2} v, read back
-v̂ = G^{-1/2} Y c (absorbed into the output projection). Exact at d_V = g·D. The model stores the read-back per group (`value_up`) and keeps the source's o_proj.
+v̂ = G^{-1/2} Y c. Exact at d_V = g·D. The model stores this read-back per group (`value_up`) and keeps the
+source's o_proj.
 """
 
 from dataclasses import dataclass
