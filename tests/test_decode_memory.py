@@ -8,6 +8,7 @@ from conftest import random_ids, randomize_head_proj
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from factorconv.modeling import CACHE_KEY, output_cache
+from factorconv.modeling import modeling_factorconv as modeling
 
 KINDS = {
     "tpa": dict(rank_k=1, rank_v=1),
@@ -40,8 +41,12 @@ class DecodeRecord(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("path", ["sdpa", "matmul"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_a_decode_step_reads_the_cache_once_and_copies_nothing_per_head(converted, load_model, kind):
+def test_a_decode_step_reads_the_cache_once_and_copies_nothing_per_head(converted, load_model, kind, path, monkeypatch):
+    """path matmul: the two matrix products a GPU decodes with (forced here on the CPU)."""
+    if path == "matmul":
+        monkeypatch.setattr(modeling, "fused_decode_applies", lambda key: False)
     model = load_model(converted("llama_gqa", **KINDS[kind]))  # 8 heads of 16, 2 KV heads; 128 positions
     if model.config.tpa_contextual:
         model = randomize_head_proj(model, seed=0)
