@@ -46,16 +46,28 @@ def generate(model, ids, new_tokens, mask=None, **kwargs):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cached_greedy_equals_uncached(models, variant):
+def test_cached_greedy_equals_uncached(models, variant, monkeypatch):
     model = models[variant]
     ids = random_ids(2, 7, seed=20)
+    # Count the calls of the decode path this variant must take (heads folded, straight from the cached factors).
+    decode = "factor_attention" if model.config.tpa_contextual else "concatenated_factor_attention"
+    calls = []
+    original = getattr(FactorConvTPAAttention, decode)
+
+    def spy(self, query, *args):
+        calls.append(query.shape[2])
+        return original(self, query, *args)
+
+    monkeypatch.setattr(FactorConvTPAAttention, decode, spy)
     cached = generate(model, ids, 12, use_cache=True, return_dict_in_generate=True, output_scores=True)
+    assert calls == [1] * (12 - 1) * model.config.num_hidden_layers  # every step after the prefill, every layer
+    calls.clear()
     uncached = generate(model, ids, 12, use_cache=False, return_dict_in_generate=True, output_scores=True)
+    assert calls == []  # without a cache every step is a prefill of the whole sequence
     assert isinstance(output_cache(cached), DynamicCache)
     assert output_cache(uncached) is None
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), atol=1e-4, rtol=0)
-    # The decode steps really ran from the cache, through factor_attention.
     assert output_cache(cached).get_seq_length() == 7 + 12 - 1
 
 
