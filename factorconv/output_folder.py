@@ -159,17 +159,30 @@ def publish(staging: Path, output: Path, overwrite: bool) -> None:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (timeout, docker stop, Slurm, systemd) unwinds like Ctrl-C, so staging folders are cleaned up."""
+    """SIGTERM (timeout, docker stop, Slurm, systemd) and Ctrl-C unwind as KeyboardInterrupt, so staging folders
+    are cleaned up.
+
+    A signal that lands inside a library call can come out as that library's own error (safetensors turns the
+    interrupt raised while it builds a tensor into a ValueError): once a signal has arrived, whatever error ends
+    the block is reported as the interruption it is.
+    """
+    received: list[str] = []
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+        received.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt(f"signal {received[-1]}")
 
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
+    except Exception:
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}") from None
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

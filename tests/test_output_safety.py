@@ -237,3 +237,23 @@ def test_interrupted_finetune_resumes_bit_identical(converted, tmp_path, how):
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "interrupted" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_signal_that_a_library_turns_into_its_own_error_still_unwinds_as_an_interruption():
+    """safetensors turns an interrupt raised while it builds a tensor into a ValueError (seen in CI); once SIGTERM
+    has arrived, the block still ends as KeyboardInterrupt, which the CLI reports in one line."""
+    from factorconv.output_folder import sigterm_as_interrupt
+
+    def library_call():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with sigterm_as_interrupt():
+            library_call()
+    with pytest.raises(ValueError):  # without a signal, errors stay what they are
+        with sigterm_as_interrupt():
+            raise ValueError("plain")
