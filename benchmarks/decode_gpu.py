@@ -166,11 +166,11 @@ def attention_kernels(device: torch.device, cells: list[tuple[int, int]], heads:
             v = torch.randn(batch, 1, context, value_width, dtype=torch.bfloat16, device=device)
             mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
 
-            def key_first():  # the model's matrix-product path: scores as key @ queryᵀ, softmax over tokens
+            def key_first():  # scores as key @ queryᵀ, softmax over the token axis (the faster order on a CPU)
                 scores = torch.matmul(k, q.transpose(2, 3)).float().masked_fill(~mask.transpose(2, 3), -1e30)
                 return torch.matmul(scores.softmax(-2).to(q.dtype).transpose(2, 3), v)
 
-            def query_first():  # the same with scores as query @ keyᵀ
+            def query_first():  # scores as query @ keyᵀ: the model's path on a GPU (single_head_attention)
                 scores = torch.matmul(q, k.transpose(2, 3)).float().masked_fill(~mask, -1e30)
                 return torch.matmul(scores.softmax(-1).to(q.dtype), v)
 

@@ -197,10 +197,24 @@ def registry_attention(
     return attention_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
 
 
+def _masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply a transformers mask (bool: True attends, float: additive, None: causal) to (B, H, L, T) scores."""
+    q_len, kv_len = scores.shape[-2:]
+    if attention_mask is None:
+        if q_len == 1:
+            return scores
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+    else:
+        attention_mask = attention_mask[..., :kv_len]
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask
+
+
 def fused_decode_applies(key: torch.Tensor) -> bool:
     """Whether SDPA's fused kernel is the fastest way through a decode step over one cached head of equal key and
     value widths: on a CPU it is (it takes any mask and width); on a GPU two matrix products beat every SDPA kernel
-    by 2-30x (benchmarks/results/decode_gpu.md: the fused kernels give the few folded query rows few blocks)."""
+    by 2-40x (benchmarks/results/decode_gpu.md: the fused kernels give the few folded query rows few blocks)."""
     return key.device.type == "cpu"
 
 
@@ -228,24 +242,10 @@ def single_head_attention(
     if offset is not None:
         value = key[..., offset:]
     scores = torch.matmul(folded, key.transpose(2, 3)).float() * module.scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    if mask is not None:  # (no mask: a single query position attends to every cached token)
+        scores = _masked_scores(scores, mask)
     probs = scores.softmax(dim=-1).to(query.dtype)
     return torch.matmul(probs, value), probs.transpose(1, 2) if eager else None
-
-
-def _masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Apply a transformers mask (bool: True attends, float: additive, None: causal) to (B, H, L, T) scores."""
-    q_len, kv_len = scores.shape[-2:]
-    if attention_mask is None:
-        if q_len == 1:
-            return scores
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-    else:
-        attention_mask = attention_mask[..., :kv_len]
-    if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return scores + attention_mask
 
 
 class FactorConvTPAAttention(nn.Module):
@@ -470,11 +470,10 @@ class SharedKVAttention(nn.Module):
         place = nn.functional.one_hot(self._pair_dims(mix.device), self.head_dim).T.to(mix.dtype)  # (D, d_R)
         rope_up = place * mix[:, None, :]  # (g, D, d_R): rotated pair n into source pair p_n, scaled per group
         key = rotated @ rope_up.transpose(1, 2)  # (B, g, T, D): RoPE'd keys in the source's coordinates
-        rotated_query = apply_rope(query, cos, sin, unsqueeze_dim=1)
+        plain_query, query = query, apply_rope(query, cos, sin, unsqueeze_dim=1)
         if nope is not None:  # MFA-KR: [RoPE part | NoPE part], read by the rotated and the plain query
             key = torch.cat([key, nope @ self.key_up.transpose(1, 2)], dim=-1)
-            rotated_query = torch.cat([rotated_query, query], dim=-1)
-        query = rotated_query
+            query = torch.cat([query, plain_query], dim=-1)
         value = value @ self.value_up.transpose(1, 2)  # (B, g, T, D)
         width = value.shape[-1]
         if key.shape[-1] != width and self.config._attn_implementation != "eager":
