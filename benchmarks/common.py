@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark scripts: convert-and-load, one measured row, the Markdown table."""
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_k
 from factorconv.evaluate.perplexity import perplexity
 from factorconv.recipe import ConvertOptions
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+# ../shared/real beside the checkout; FACTORCONV_REAL points elsewhere (e.g. a copy carried to a GPU machine)
+REAL = Path(os.environ.get("FACTORCONV_REAL", Path(__file__).resolve().parents[2] / "shared" / "real"))
 LLAMA_3_2_1B = dict(  # the public config's shapes; weights are random in every benchmark
     vocab_size=128256,
     hidden_size=2048,

@@ -1,15 +1,21 @@
 """Zero-shot quality of every target and initialisation at KV budgets 50%, 25%, 12.5% on real checkpoints.
 
-    python benchmarks/quality.py [--models stories260K pycode-27M] [--device cuda]
+    python benchmarks/quality.py [--models stories260K pycode-27M SmolLM2-135M] [--device cuda]
+        [--smollm2 DIR]   # built by ../shared/tools/build_smollm2.py DIR (see ../shared/real/SOURCES.md)
 
 For each model, target (TPA, MFA, MFA-KR) and budget: weight-only init, calibration-statistics init
 (`--init stats`, no refinement) and the default with calibration (statistics + local refinement); for TPA also
 contextual factors from the statistics or fitted by ALS (`--init als`); beside mean-pooled GQA at the same KV
 bytes. Budgets a target cannot reach (TPA needs at least one rank per K and V: 1/KV-heads of the bytes) are left
-out. Prints one Markdown table per model.
+out. SmolLM2-135M-Instruct (30 layers; a real Hub model) gets every target at 50% and 25%, weight-only and the
+defaults, calibrated on the first 600,000 bytes of WikiText-2's test set and evaluated on its last 300,000 (8,192
+tokens, windows of 512), as issue 17 measures it. Calibration size and refinement steps are the library's
+defaults unless given. Prints one Markdown table per model.
 """
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +28,9 @@ from factorconv.convert.calibrate import calibration_tokens
 from factorconv.evaluate.baselines import mean_pooled_gqa
 from factorconv.evaluate.data import load_tokens
 from factorconv.errors import FactorConvError
+from factorconv.recipe import ConvertOptions
 
+WIKITEXT = REAL / "wikitext-2-raw-canonical" / "wiki.test.raw"
 MODELS = {
     "stories260K": dict(
         folder=REAL / "stories260K-hf",
@@ -36,6 +44,16 @@ MODELS = {
         calib=REAL / "pycode-eval" / "calib.jsonl",
         seq_len=1024,
     ),
+    "SmolLM2-135M": dict(
+        folder=None,  # --smollm2
+        eval=(WIKITEXT, -300_000),  # the last 300,000 bytes
+        calib=(WIKITEXT, 600_000),  # the first 600,000 bytes: disjoint
+        seq_len=512,
+        eval_tokens=8192,
+        budgets=(0.5, 0.25),
+        inits=("weight-only", "stats+refine (default)"),
+        contextual=False,
+    ),
 }
 BUDGETS = (0.5, 0.25, 0.125)
 INITS = {"weight-only": dict(init="weight"), "stats": dict(refine_steps=0), "stats+refine (default)": {}}
@@ -47,22 +65,34 @@ TPA_CONTEXTUAL = {
 }
 
 
-def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict]:
+def _text_slice(spec: Path | tuple[Path, int], folder: Path) -> Path:
+    """A data file, or (file, n) as a .txt of its first n bytes (last -n when negative) written into `folder`."""
+    if isinstance(spec, Path):
+        return spec
+    path, count = spec
+    data = path.read_bytes()
+    part = folder / f"{path.stem}.{'last' if count < 0 else 'first'}{abs(count)}.txt"
+    part.write_bytes(data[count:] if count < 0 else data[:count])
+    return part
+
+
+def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Path) -> list[dict]:
     from transformers import AutoTokenizer
 
+    spec = {**spec, "eval": _text_slice(spec["eval"], data_dir), "calib": _text_slice(spec["calib"], data_dir)}
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
-    tokens = load_tokens(spec["eval"], tokenizer, max_tokens=args.eval_tokens)
+    tokens = load_tokens(spec["eval"], tokenizer, max_tokens=spec.get("eval_tokens", args.eval_tokens))
     source = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval().to(args.device)
     kv_heads = source.config.num_key_value_heads
     rows = [{"budget": 1.0, **measure("source", source, tokens, spec["seq_len"], None, 0.0)}]
     base = rows[0]["ppl"]
-    calib = dict(
-        calib=str(spec["calib"]), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-        device=args.device,
-    )
-    calibration_tokens(calib["calib"], spec["folder"], args.calib_samples, args.calib_seq_len, source.config)  # fail early
+    given = dict(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
+    calib = dict(calib=str(spec["calib"]), device=args.device, **{k: v for k, v in given.items() if v is not None})
+    sized = ConvertOptions(source=str(spec["folder"]), output=Path("-"), **calib)
+    shape = calibration_tokens(calib["calib"], spec["folder"], sized.calib_samples, sized.calib_seq_len, source.config).shape
+    inits = {label: INITS[label] for label in spec.get("inits", INITS)}
     with tempfile.TemporaryDirectory() as tmp:
-        for budget in BUDGETS:
+        for budget in spec.get("budgets", BUDGETS):
             heads = budget * kv_heads
             if heads == int(heads) and heads >= 1:
                 start = time.perf_counter()
@@ -70,9 +100,10 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict
                 rows.append({"budget": budget, **measure("mean-pooled GQA", pooled, tokens, spec["seq_len"], base,
                                                          time.perf_counter() - start)})
             for target in ("tpa", "mfa", "mfa_kr"):
-                for label, init in (INITS | TPA_CONTEXTUAL if target == "tpa" else INITS).items():
+                contextual = TPA_CONTEXTUAL if target == "tpa" and spec.get("contextual", True) else {}
+                for label, init in (inits | contextual).items():
                     options = {**calib, **init} if init.get("init") != "weight" else {"device": args.device, **init}
-                    if "refine_steps" not in init and init.get("init") != "weight":
+                    if "refine_steps" not in init and init.get("init") != "weight" and args.refine_steps is not None:
                         options["refine_steps"] = args.refine_steps
                     try:
                         model, seconds = convert_and_load(
@@ -84,10 +115,11 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace) -> list[dict
                         raise
                     rows.append({"budget": budget, **measure(f"{target} {label}", model, tokens, spec["seq_len"],
                                                              base, seconds)})
-                    print(f"{name} {budget:.1%} {target} {label}: ratio {rows[-1]['ratio']:.2f}", flush=True)
+                    print(f"{name} {budget:.1%} {target} {label}: ratio {rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
+    steps = args.refine_steps if args.refine_steps is not None else sized.layer_refine_steps
     print(f"\n### {name}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
-          f"calibration {spec['calib'].name} ({args.calib_samples} x {args.calib_seq_len} tokens), "
-          f"refinement {args.refine_steps} steps/layer; fp32; {machine()}\n")
+          f"calibration {spec['calib'].name} ({shape[0]} x {shape[1]} tokens), "
+          f"refinement {steps} steps/layer; fp32; {machine()}\n")
     print("| budget | method | KV bytes/token | perplexity | ratio | convert s |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
@@ -100,13 +132,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--eval-tokens", type=int, default=65536)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--refine-steps", type=int, default=200)
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="(SmolLM2: 8,192 as issue 17 measures)")
+    parser.add_argument("--calib-samples", type=int, help="default: the library's")
+    parser.add_argument("--calib-seq-len", type=int, help="default: the library's")
+    parser.add_argument("--refine-steps", type=int, help="default: the library's")
+    parser.add_argument("--smollm2", type=Path, default=Path(os.environ.get("SMOLLM2", "~/.cache/factorconv/smollm2")),
+                        help="the SmolLM2-135M-Instruct folder build_smollm2.py wrote")
     args = parser.parse_args()
-    for name in args.models:
-        evaluate_model(name, MODELS[name], args)
+    with tempfile.TemporaryDirectory() as data_dir:
+        for name in args.models:
+            spec = MODELS[name]
+            if spec["folder"] is None:
+                folder = args.smollm2.expanduser()
+                if not (folder / "config.json").is_file():
+                    raise SystemExit(f"{folder} has no SmolLM2 model: build it with ../shared/tools/build_smollm2.py "
+                                     f"{folder} (see ../shared/real/SOURCES.md) or pass --smollm2 DIR")
+                spec = {**spec, "folder": folder}
+            evaluate_model(name, spec, args, Path(data_dir))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def _options_error(err: ValidationError) -> str:
     return f"invalid {where}: {message}"
 
 
+def _given(options: dict) -> dict:
+    """The options the user set; unset ones (None) take the library's defaults, defined once in ConvertOptions."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _quiet(ctx: click.Context, param: click.Parameter, quiet: bool) -> None:
     if quiet:
         ctx.obj["progress"] = False
@@ -92,15 +97,19 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option("--kv-budget", type=float, help="Fraction of the source's KV bytes; per-layer widths are allocated.")
 @click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True)
 @click.option("--calib", help="Calibration data: .txt, .jsonl, .npy or a datasets name.")
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
-@click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 2048).")
+@click.option("--calib-samples", type=int, help="Calibration sequences (default 64).")
+@click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 512).")
 @click.option(
     "--init", type=click.Choice(["auto", "weight", "stats", "query-aware", "als"]), default="auto",
     show_default=True,
     help="Weight-only maths or calibration statistics (auto: stats with --calib); query-aware: MFA keys weighted "
     "by the queries; als: contextual TPA factors fitted to calibration keys/values (--to tpa --contextual).",
 )
-@click.option("--refine-steps", type=int, help="Adam steps per layer fitting attention outputs (default 200 with --calib).")
+@click.option(
+    "--refine-steps", type=int,
+    help="Adam steps per layer fitting attention outputs (default 200 with --calib; 0: only a least-squares refit "
+    "of the output projection).",
+)
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the factorization: cpu, cuda, auto.")
@@ -112,7 +121,7 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
     from .convert import convert as run_convert
     from .recipe import ConvertOptions
 
-    options = ConvertOptions(source=source, output=output, to=target, **kwargs)
+    options = ConvertOptions(source=source, output=output, to=target, **_given(kwargs))
     folder = run_convert(options, progress=ctx.obj["progress"])
     click.echo(f"wrote {folder}")
 
@@ -124,8 +133,8 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
 @click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True)
 @click.option("--contextual", is_flag=True, help="TPA: contextual head factors (cache D + heads per rank).")
 @click.option("--calib", help="Calibration data for statistics-based spectra (optional).")
-@click.option("--calib-samples", type=int, default=128, show_default=True)
-@click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 2048).")
+@click.option("--calib-samples", type=int, help="Calibration sequences (default 64).")
+@click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 512).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
 def plan(source: str, target: str, **kwargs) -> None:
@@ -136,7 +145,7 @@ def plan(source: str, target: str, **kwargs) -> None:
     from .convert.plan import format_plan, make_plan
     from .recipe import ConvertOptions
 
-    options = ConvertOptions(source=source, output=Path("-"), to=target, **kwargs)
+    options = ConvertOptions(source=source, output=Path("-"), to=target, **_given(kwargs))
     click.echo(format_plan(make_plan(options)))
 
 

@@ -59,9 +59,9 @@ class ConvertOptions(BaseModel):
         "(greedy removes more predicted error but measured worse zero-shot on stories260K)",
     )
     calib: str | None = Field(default=None, description="calibration data: .txt, .jsonl, .npy or a datasets name")
-    calib_samples: int = Field(default=128, ge=2, description="calibration sequences (10% are held out)")
+    calib_samples: int = Field(default=64, ge=2, description="calibration sequences (10% are held out)")
     calib_seq_len: int | None = Field(
-        default=None, ge=8, description="tokens per calibration sequence (default: the context, at most 2048)"
+        default=None, ge=8, description="tokens per calibration sequence (default: the context, at most 512)"
     )
     init: Literal["auto", "weight", "stats", "query-aware", "als"] = Field(
         default="auto",
@@ -70,7 +70,8 @@ class ConvertOptions(BaseModel):
         "(auto: stats when calib is given)",
     )
     refine_steps: int | None = Field(
-        default=None, ge=0, description="Adam steps per layer fitting attention outputs (default 200 with calib)"
+        default=None, ge=0, description="Adam steps per layer fitting attention outputs (default 200 with calib; 0: least-squares "
+        "refit of the output projection only)"
     )
     dtype: DType = "auto"
     max_shard_size: str = "2GB"

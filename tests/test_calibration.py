@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig
 from click.testing import CliRunner
 from conftest import random_ids
 
 from factorconv.cli import main
 from factorconv.convert import convert
-from factorconv.convert.calibrate import LayerwiseRunner, MomentAccumulator, calibration_tokens
+from factorconv.convert import refine
+from factorconv.convert.calibrate import LayerActivations, LayerwiseRunner, MomentAccumulator, calibration_tokens
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.errors import FactorConvError
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
@@ -23,6 +25,8 @@ from factorconv.factorize.mfa import (
     query_pair_energy,
     rope_key_merge,
 )
+from factorconv.modeling import FactorConvConfig
+from factorconv.modeling.modeling_factorconv import FactorConvRotaryEmbedding
 from factorconv.recipe import ConvertOptions
 
 
@@ -213,3 +217,50 @@ def test_plan_from_config_alone(source_dirs, tmp_path):
     assert "err rank_k" in result.output and "50.0% of the source" in result.output
     result = CliRunner().invoke(main, ["plan", str(source_dirs["llama_gqa"]), "--to", "tpa", "--kv-budget", "0.2"])
     assert result.exit_code != 0 and "too small for tpa" in result.output
+
+
+def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
+    """o_proj is linear in what it reads: from a scrambled o_proj, the least-squares refit finds the one that
+    produced the targets (up to the ridge), so the layer's output error drops to ~0."""
+    out = convert(
+        ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to="mfa", kv_budget=0.5),
+        progress=False,
+    )
+    config = FactorConvConfig.from_pretrained(out)
+    prefix = "model.layers.0.self_attn."
+    with safe_open(out / "model.safetensors", "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+    module = refine._attention_module(config, 0, tensors, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(12, 16, config.hidden_size, generator=generator)
+    rotary = FactorConvRotaryEmbedding(config)
+    position_embeddings = rotary(inputs[:1], torch.arange(16)[None])
+    with torch.no_grad():
+        targets = module(inputs, position_embeddings=tuple(p.expand(12, -1, -1) for p in position_embeddings))[0]
+        true_weight = module.o_proj.weight.clone()
+        module.o_proj.weight.copy_(torch.randn(true_weight.shape, generator=generator) * true_weight.std())
+    acts = LayerActivations(0, inputs, targets, position_embeddings, held_out=2)
+    scrambled = refine._relative_error(module, acts, slice(10, 12))
+    refine._output_refit(module, acts, slice(0, 10), ridge=1e-9)
+    assert scrambled > 0.5
+    assert refine._relative_error(module, acts, slice(10, 12)) < 1e-4
+    torch.testing.assert_close(module.o_proj.weight, true_weight, atol=1e-4, rtol=1e-3)
+
+
+def test_uniform_budget_needs_no_calibration_pass_for_widths(source_dirs, tmp_path, monkeypatch):
+    """Uniform widths do not depend on spectra, so conversion runs the source over the calibration tokens once."""
+    calib = _tokens_file(tmp_path, seq=16, count=8)
+    passes = []
+    original = LayerwiseRunner.__iter__
+
+    def counting(self):
+        passes.append(1)
+        return original(self)
+
+    monkeypatch.setattr(LayerwiseRunner, "__iter__", counting)
+    convert(
+        ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to="mfa", kv_budget=0.5,
+                       calib=str(calib), calib_samples=8, calib_seq_len=16, refine_steps=0),
+        progress=False,
+    )
+    assert len(passes) == 1

@@ -38,7 +38,9 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     tokens = None
     if options.calib is not None:
         tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len, source.config)
-    plans = allocate_widths(options, source, tokens, device) if options.kv_budget is not None else None
+    plans = None
+    if options.kv_budget is not None:  # uniform widths do not depend on spectra: no calibration pass for them
+        plans = allocate_widths(options, source, tokens if options.allocation == "greedy" else None, device)
     config = build_target_config(source, options, plans)
     dtype = output_dtype(options, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None
@@ -49,7 +51,8 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
             writer = ShardedWriter(staging, max_shard)
             reports: list[LayerReport] = []
             read = source.reader()
-            for name in tqdm(source.names, desc="converting", unit="tensor", disable=not progress):
+            bar = tqdm(total=config.num_hidden_layers, desc="converting", unit="layer", disable=not progress)
+            for name in source.names:
                 match = ATTENTION_TENSOR.match(name)
                 if match:
                     layer = int(match.group(1))
@@ -66,9 +69,11 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                         refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
                         result.tensors = refined.tensors
                         result.report.attention_error = refined.error_before
-                        if options.layer_refine_steps:
-                            result.report.refined_attention_error = refined.error_after
+                        result.report.refined_attention_error = refined.error_after
                     reports.append(result.report)
+                    bar.update()
+                    if result.report.attention_error is not None:
+                        bar.set_postfix(error=f"{result.report.refined_attention_error:.3f}", refresh=False)
                     for target_name, tensor in result.tensors.items():
                         writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
                 elif not name.endswith(UNUSED_TENSOR_SUFFIXES):
@@ -77,6 +82,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                 raise FactorConvError(
                     f"{source.folder} has attention weights for {len(reports)} of {config.num_hidden_layers} layers"
                 )
+            bar.close()
             writer.close()
             write_artifacts(staging, source.folder, config, options, reports)
             publish(staging, output, options.overwrite)

@@ -1,5 +1,12 @@
-"""Local refinement: a few hundred Adam steps per layer that fit the converted attention's outputs to the
-source attention's outputs on calibration activations (teacher-forced, one layer in memory at a time)."""
+"""Local refinement: fit each converted attention layer's outputs to the source attention's outputs on
+calibration activations (teacher-forced, one layer in memory at a time).
+
+Adam steps on every tensor of the layer, or with zero steps a least-squares refit of the output projection
+alone: o_proj is linear in what it reads (the per-head mixed values), so its best fit is one normal-equation
+solve. Measured on SmolLM2-135M at 50% of the KV bytes (MFA, 16 × 512 tokens): closed form 2.24x perplexity,
++ output refit 1.85x, + 20 Adam steps 1.50x; starting Adam from the refit measured worse (1.77x), so the two
+are alternatives, not stages. Either is kept only if the held-out error drops.
+"""
 
 import copy
 from dataclasses import dataclass
@@ -15,7 +22,7 @@ from .calibrate import LayerActivations
 class RefineResult:
     tensors: dict[str, torch.Tensor]
     error_before: float  # relative attention-output error on held-out calibration tokens, closed-form init
-    error_after: float  # the same after refinement (equal to before when no steps ran or they did not help)
+    error_after: float  # the same after refinement (equal to before when it did not help)
 
 
 def _attention_module(
@@ -52,6 +59,39 @@ def selection_error(
     return _relative_error(module, acts, slice(0, min(acts.held_out, acts.inputs.shape[0] - acts.held_out)))
 
 
+def _output_refit(
+    module: torch.nn.Module, acts: LayerActivations, rows: slice, ridge: float = 1e-4, chunk: int = 4
+) -> None:
+    """o_proj := argmin ‖o_proj(z) − target‖² over the fitting tokens, z = what o_proj reads in `module`.
+
+    Normal equations in float64, ridge-regularised by `ridge` × the mean feature energy."""
+    proj = module.o_proj
+    captured: list[torch.Tensor] = []
+    handle = proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    gram = cross = None
+    try:
+        with torch.no_grad():
+            for start in range(rows.start, rows.stop, chunk):
+                stop = min(start + chunk, rows.stop)
+                cos, sin = (p.expand(stop - start, -1, -1) for p in acts.position_embeddings)
+                captured.clear()
+                module(acts.inputs[start:stop], position_embeddings=(cos, sin))
+                z = captured[0].reshape(-1, proj.in_features).double()
+                if proj.bias is not None:
+                    z = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
+                y = acts.outputs[start:stop].reshape(-1, proj.out_features).double()
+                gram = z.T @ z if gram is None else gram + z.T @ z
+                cross = z.T @ y if cross is None else cross + z.T @ y
+    finally:
+        handle.remove()
+    gram.diagonal().add_(ridge * gram.diagonal().mean())
+    solution = torch.linalg.solve(gram, cross).T.to(proj.weight.dtype)  # (out, in [+ 1])
+    with torch.no_grad():
+        proj.weight.copy_(solution[:, : proj.in_features])
+        if proj.bias is not None:
+            proj.bias.copy_(solution[:, -1])
+
+
 def refine_layer(
     config: FactorConvConfig,
     layer: int,
@@ -62,25 +102,27 @@ def refine_layer(
     batch_size: int = 4,
     seed: int = 0,
 ) -> RefineResult:
-    """Fit the layer's attention to the source's outputs; keep the result only if held-out error drops."""
+    """Fit the layer's attention to the source's outputs (`steps` Adam steps; 0: least-squares o_proj);
+    keep the result only if held-out error drops."""
     device = acts.inputs.device
     module = _attention_module(config, layer, tensors, device)
     total = acts.inputs.shape[0]
     fit, held_out = slice(0, total - acts.held_out), slice(total - acts.held_out, total)
     before = _relative_error(module, acts, held_out)
     if steps == 0:
-        return RefineResult(tensors, before, before)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    scale = acts.outputs[fit].pow(2).mean()
-    for _ in range(steps):
-        rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
-        x, target = acts.inputs[rows], acts.outputs[rows]
-        cos, sin = (p.expand(x.shape[0], -1, -1) for p in acts.position_embeddings)
-        loss = (module(x, position_embeddings=(cos, sin))[0] - target).pow(2).mean() / scale
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _output_refit(module, acts, fit)
+    else:
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        scale = acts.outputs[fit].pow(2).mean()
+        for _ in range(steps):
+            rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
+            x, target = acts.inputs[rows], acts.outputs[rows]
+            cos, sin = (p.expand(x.shape[0], -1, -1) for p in acts.position_embeddings)
+            loss = (module(x, position_embeddings=(cos, sin))[0] - target).pow(2).mean() / scale
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     after = _relative_error(module, acts, held_out)
     if after >= before:
         return RefineResult(tensors, before, before)
