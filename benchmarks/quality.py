@@ -4,7 +4,7 @@
         [--smollm2 DIR]   # built by ../shared/tools/build_smollm2.py DIR (see ../shared/real/SOURCES.md)
 
 For each model, target (TPA, MFA, MFA-KR) and budget: weight-only init, calibration-statistics init
-(`--init stats`, no refinement) and the default with calibration (statistics + local refinement); for TPA also
+(`--refine-steps 0`: closed forms + least-squares o_proj refit, no Adam steps) and the default with calibration (statistics + local refinement); for TPA also
 contextual factors from the statistics or fitted by ALS (`--init als`); beside mean-pooled GQA at the same KV
 bytes. Budgets a target cannot reach (TPA needs at least one rank per K and V: 1/KV-heads of the bytes) are left
 out. SmolLM2-135M-Instruct (30 layers; a real Hub model) gets every target at 50% and 25%, weight-only and the

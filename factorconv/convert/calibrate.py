@@ -26,7 +26,7 @@ def calibration_tokens(
 
     `seq_len` None: the model's context, at most 512 tokens (what keeps a default conversion of a 135M model
     within minutes on a 2-core CPU; longer windows cost time linearly in refinement and more in attention)."""
-    context = getattr(config, "max_position_embeddings", None) or 512
+    context = getattr(config, "max_position_embeddings", None) or 2048
     if seq_len is None:
         seq_len = min(context, 512)
     elif seq_len > context:

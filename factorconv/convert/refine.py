@@ -3,9 +3,8 @@ calibration activations (teacher-forced, one layer in memory at a time).
 
 Adam steps on every tensor of the layer, or with zero steps a least-squares refit of the output projection
 alone: o_proj is linear in what it reads (the per-head mixed values), so its best fit is one normal-equation
-solve. Measured on SmolLM2-135M at 50% of the KV bytes (MFA, 16 × 512 tokens): closed form 2.24x perplexity,
-+ output refit 1.85x, + 20 Adam steps 1.50x; starting Adam from the refit measured worse (1.77x), so the two
-are alternatives, not stages. Either is kept only if the held-out error drops.
+solve (zero-shot gains in benchmarks/results/quality_*.md, `stats` rows). The two are alternatives, not stages:
+Adam started from the refitted o_proj ended worse in the runs tried. Either is kept only if held-out error drops.
 """
 
 import copy
@@ -38,13 +37,22 @@ def _attention_module(
     return module
 
 
+def _forward(module: torch.nn.Module, acts: LayerActivations, rows: slice | torch.Tensor) -> torch.Tensor:
+    """The module's attention output on the calibration sequences `rows`."""
+    x = acts.inputs[rows]
+    cos, sin = (p.expand(x.shape[0], -1, -1) for p in acts.position_embeddings)
+    return module(x, position_embeddings=(cos, sin))[0]
+
+
+def _chunks(rows: slice, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, rows.stop)) for start in range(rows.start, rows.stop, chunk)]
+
+
 def _relative_error(module: torch.nn.Module, acts: LayerActivations, rows: slice, chunk: int = 8) -> float:
     num, den = 0.0, 0.0
     with torch.no_grad():
-        for start in range(rows.start, rows.stop, chunk):
-            x, target = acts.inputs[start : min(start + chunk, rows.stop)], acts.outputs[start : min(start + chunk, rows.stop)]
-            cos, sin = (p.expand(x.shape[0], -1, -1) for p in acts.position_embeddings)
-            out = module(x, position_embeddings=(cos, sin))[0]
+        for part in _chunks(rows, chunk):
+            out, target = _forward(module, acts, part), acts.outputs[part]
             num += float((out - target).pow(2).sum())
             den += float(target.pow(2).sum())
     return (num / max(den, 1e-30)) ** 0.5
@@ -71,15 +79,13 @@ def _output_refit(
     gram = cross = None
     try:
         with torch.no_grad():
-            for start in range(rows.start, rows.stop, chunk):
-                stop = min(start + chunk, rows.stop)
-                cos, sin = (p.expand(stop - start, -1, -1) for p in acts.position_embeddings)
+            for part in _chunks(rows, chunk):
                 captured.clear()
-                module(acts.inputs[start:stop], position_embeddings=(cos, sin))
+                _forward(module, acts, part)
                 z = captured[0].reshape(-1, proj.in_features).double()
                 if proj.bias is not None:
                     z = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
-                y = acts.outputs[start:stop].reshape(-1, proj.out_features).double()
+                y = acts.outputs[part].reshape(-1, proj.out_features).double()
                 gram = z.T @ z if gram is None else gram + z.T @ z
                 cross = z.T @ y if cross is None else cross + z.T @ y
     finally:
@@ -117,9 +123,7 @@ def refine_layer(
         scale = acts.outputs[fit].pow(2).mean()
         for _ in range(steps):
             rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
-            x, target = acts.inputs[rows], acts.outputs[rows]
-            cos, sin = (p.expand(x.shape[0], -1, -1) for p in acts.position_embeddings)
-            loss = (module(x, position_embeddings=(cos, sin))[0] - target).pow(2).mean() / scale
+            loss = (_forward(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
