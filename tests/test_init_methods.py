@@ -12,7 +12,7 @@ from test_calibration import correlated_inputs, moment_of
 from factorconv.convert import convert
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from factorconv.factorize.common import cholesky_whitening
-from factorconv.factorize.key_reuse import key_reuse_init, phase_average
+from factorconv.factorize.key_reuse import key_reuse_init, key_reuse_inits, phase_average
 from factorconv.factorize.tpa import tensor_product_init
 from factorconv.factorize.tpa_als import fit_contextual
 from factorconv.modeling.modeling_factorconv import TensorProduct, apply_rope
@@ -85,6 +85,20 @@ def test_moving_a_still_pair_to_nope_is_exact():
     assert torch.allclose(converted, source, atol=1e-6 * source.abs().max())
     assert torch.allclose(read_back, values, atol=1e-6 * values.abs().max())
     assert init.key_error < 1e-6 and init.value_error < 1e-6
+
+
+def test_key_reuse_candidates_share_work_but_not_results():
+    """Candidates computed together (shared spectra) equal each computed alone, in any order."""
+    weights, freqs, x, (h, g, D) = _key_reuse_problem(seed=2)
+    args = (*[(w, None) for w in weights[:3]], weights[3], h, g, 8, 16, phase_average(freqs, x.shape[0]), D**-0.5, moment_of(x))
+    candidates = [(False, 0.0), (True, 0.3), (False, 1.0), (True, 1.0)]
+    together = key_reuse_inits(*args, candidates)
+    for (move_slow, key_weight), init in zip(reversed(candidates), reversed(together)):
+        alone = key_reuse_init(*args, move_slow=move_slow, key_weight=key_weight)
+        assert init.pairs == alone.pairs and init.key_error == alone.key_error
+        assert torch.equal(init.latent, alone.latent) and torch.equal(init.key_up, alone.key_up)
+        assert torch.equal(init.value.read, alone.value.read)
+    assert len({tuple(i.pairs) for i in together}) > 1 or len({i.key_error for i in together}) > 1  # they differ
 
 
 def test_partial_rope_beats_dropping_at_the_same_width():

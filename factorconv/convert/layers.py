@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..factorize.common import cholesky_whitening, input_moment, split_bias_column, with_bias_column
-from ..factorize.key_reuse import key_reuse_init, phase_average
+from ..factorize.key_reuse import key_reuse_inits, phase_average
 from ..factorize.mfa import (
     ValueBasis,
     low_rank_queries,
@@ -196,12 +196,13 @@ def convert_mfa_kr_attention(
     phase = phase_average(rotary.inv_freq.to(src.device), config.max_position_embeddings, rotary.attention_scaling)
     q, k, v, o = ((src.weight(p), src.bias(p)) for p in "qkvo")
     acts = stats.activations if stats is not None else None
+    candidates = KEY_REUSE_CANDIDATES if acts is not None else KEY_REUSE_CANDIDATES[:1]
+    inits = key_reuse_inits(
+        q, k, v, o[0], heads, groups, config.rope_dim[layer], config.nope_dim[layer], phase,
+        config.attention_scale, stats.moment if stats is not None else None, list(candidates),
+    )
     best: tuple[float, LayerResult] | None = None
-    for move_slow, key_weight in KEY_REUSE_CANDIDATES if acts is not None else KEY_REUSE_CANDIDATES[:1]:
-        init = key_reuse_init(
-            q, k, v, o[0], heads, groups, config.rope_dim[layer], config.nope_dim[layer], phase,
-            config.attention_scale, stats.moment if stats is not None else None, move_slow, key_weight,
-        )
+    for init in inits:
         out = _source_side_tensors(src, _query_rank(config, layer))
         weight, bias = split_bias_column(init.latent, k[1] is not None)
         out[f"{src.prefix}c_proj.weight"] = weight

@@ -39,8 +39,9 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     if options.calib is not None:
         tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len, source.config)
     plans = None
-    if options.kv_budget is not None:  # uniform widths do not depend on spectra: no calibration pass for them
-        plans = allocate_widths(options, source, tokens if options.allocation == "greedy" else None, device)
+    if options.kv_budget is not None:  # uniform widths do not depend on spectra: no weights read, no calibration pass
+        greedy = options.allocation == "greedy"
+        plans = allocate_widths(options, source, tokens if greedy else None, device, spectra=greedy)
     config = build_target_config(source, options, plans)
     dtype = output_dtype(options, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None

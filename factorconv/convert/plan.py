@@ -94,13 +94,14 @@ def layer_components(
     source: SourceCheckpoint,
     tokens: torch.Tensor | None,
     device: torch.device,
+    spectra: bool = True,
 ) -> tuple[list[list[Component]], bool]:
-    """Every layer's components and whether their gains come from real spectra (weights present).
+    """Every layer's components and whether their gains come from real spectra (weights present and `spectra`).
 
     With calibration statistics this runs the source layer by layer once (Σ is used and dropped per layer).
     """
     geometry = Geometry.of(source.config)
-    if not source.has_weights:
+    if not (source.has_weights and spectra):
         return [components(options.to, geometry, options.contextual, None, None)] * geometry.layers, False
     read = source.reader()
     if tokens is None or not options.uses_statistics:
@@ -141,9 +142,15 @@ def plan_layers(
 
 
 def allocate_widths(
-    options: ConvertOptions, source: SourceCheckpoint, tokens: torch.Tensor | None, device: torch.device
+    options: ConvertOptions,
+    source: SourceCheckpoint,
+    tokens: torch.Tensor | None,
+    device: torch.device,
+    spectra: bool = True,
 ) -> list[LayerPlan]:
-    layers, have_spectra = layer_components(options, source, tokens, device)
+    """Widths per layer; `spectra=False` skips reading the weights (uniform widths do not need them, only the
+    predicted errors `factorconv plan` prints do)."""
+    layers, have_spectra = layer_components(options, source, tokens, device, spectra)
     return plan_layers(options, Geometry.of(source.config), layers, have_spectra)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import input_moment, split_bias_column, top_eigenvectors, with_bias_column
-from .mfa import ValueBasis, merge_queries, output_heads, output_metric, pair_moments, query_maps, rope_key_merge
+from .mfa import KeyMerge, ValueBasis, merge_queries, output_heads, output_metric, pair_moments, query_maps, rope_key_merge
 
 
 @dataclass
@@ -67,6 +67,85 @@ def _outer_mean(moment: torch.Tensor | None, in_features: int, size: int) -> tor
     return torch.outer(mean, mean)
 
 
+@dataclass
+class _LayerSpectra:
+    """What every partial-RoPE choice of one layer shares: the moments, the merged key directions, the merged
+    queries and the output weights (computed once; the candidates differ only in which directions stay rotated)."""
+
+    sigma: torch.Tensor
+    centered: torch.Tensor
+    merge: KeyMerge
+    keys: torch.Tensor
+    queries: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    energy: torch.Tensor
+    values: torch.Tensor
+    head_output: torch.Tensor
+    g_half: torch.Tensor
+    g_inv_half: torch.Tensor
+
+
+def _layer_spectra(
+    q: tuple[torch.Tensor, torch.Tensor | None],
+    k: tuple[torch.Tensor, torch.Tensor | None],
+    v: tuple[torch.Tensor, torch.Tensor | None],
+    o_weight: torch.Tensor,
+    num_heads: int,
+    num_groups: int,
+    head_dim: int,
+    phase: tuple[torch.Tensor, torch.Tensor],
+    moment: torch.Tensor | None,
+) -> _LayerSpectra:
+    (k_weight, k_bias), (v_weight, v_bias) = k, v
+    full, half = num_groups * head_dim, num_groups * head_dim // 2
+    sigma = input_moment(k_weight.shape[1], k_bias is not None, moment, k_weight.device)
+    centered = sigma - _outer_mean(moment, k_weight.shape[1], sigma.shape[0]).to(sigma.device)
+    # Every merged direction (an orthogonal change of basis per pair); the candidates pick which keep RoPE.
+    merge = rope_key_merge(k_weight, k_bias, num_groups, head_dim, full, pair_moments(k_weight, k_bias, num_groups, head_dim, moment))
+    keys = with_bias_column(merge.weight, merge.bias).double()  # (2·half, d'): first components, then second
+    queries = merge_queries(*q, merge, num_heads, head_dim)  # (h, 2·half, d')
+    pair = torch.tensor(merge.pairs, device=keys.device)
+    energy = _row_energy(keys[:half], sigma) + _row_energy(keys[half:], sigma)  # λ_n
+    o_heads = output_heads(o_weight, num_heads, head_dim)
+    values = with_bias_column(v_weight, v_bias).double()
+    group = torch.arange(num_heads, device=keys.device) // (num_heads // num_groups)
+    per_head_values = values.reshape(num_groups, head_dim, -1)[group]  # (h, D, d')
+    head_output = _row_energy(o_heads @ per_head_values, centered).sum(dim=1)  # Var‖W_O,i v_γ(i)‖, (h,)
+    g_half, g_inv_half = output_metric(o_weight, num_heads, num_groups, head_dim)
+    return _LayerSpectra(sigma, centered, merge, keys, queries, phase[0][pair], phase[1][pair], energy, values,
+                         head_output, g_half, g_inv_half)
+
+
+def key_reuse_inits(
+    q: tuple[torch.Tensor, torch.Tensor | None],
+    k: tuple[torch.Tensor, torch.Tensor | None],
+    v: tuple[torch.Tensor, torch.Tensor | None],
+    o_weight: torch.Tensor,
+    num_heads: int,
+    num_groups: int,
+    rope_dim: int,
+    nope_dim: int,
+    phase: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    moment: torch.Tensor | None,
+    candidates: list[tuple[bool, float]],
+) -> list[KeyReuseInit]:
+    """`key_reuse_init` for each (move_slow, key_weight) candidate, sharing the work that does not depend on it."""
+    k_weight, k_bias = k
+    head_dim = k_weight.shape[0] // num_groups
+    full = num_groups * head_dim
+    if rope_dim % 2 or not 2 <= rope_dim <= full:
+        raise ValueError(f"rotated width must be even and between 2 and {full}, got {rope_dim}")
+    if not 1 <= nope_dim <= 2 * full - rope_dim:
+        raise ValueError(f"shared key/value width must be between 1 and {2 * full - rope_dim}, got {nope_dim}")
+    spectra = _layer_spectra(q, k, v, o_weight, num_heads, num_groups, head_dim, phase, moment)
+    return [
+        _candidate_init(spectra, k_weight.dtype, k_bias is not None, head_dim, rope_dim, nope_dim, scale, slow, weight)
+        for slow, weight in candidates
+    ]
+
+
 def key_reuse_init(
     q: tuple[torch.Tensor, torch.Tensor | None],
     k: tuple[torch.Tensor, torch.Tensor | None],
@@ -89,23 +168,27 @@ def key_reuse_init(
     `key_weight` scales the NoPE keys against the values in the latent (0: directions not kept are dropped,
     the latent holds values only).
     """
-    (k_weight, k_bias), (v_weight, v_bias) = k, v
-    head_dim = k_weight.shape[0] // num_groups
-    full, half = num_groups * head_dim, num_groups * head_dim // 2
-    if rope_dim % 2 or not 2 <= rope_dim <= full:
-        raise ValueError(f"rotated width must be even and between 2 and {full}, got {rope_dim}")
-    if not 1 <= nope_dim <= 2 * full - rope_dim:
-        raise ValueError(f"shared key/value width must be between 1 and {2 * full - rope_dim}, got {nope_dim}")
-    sigma = input_moment(k_weight.shape[1], k_bias is not None, moment, k_weight.device)
-    centered = sigma - _outer_mean(moment, k_weight.shape[1], sigma.shape[0]).to(sigma.device)
+    return key_reuse_inits(
+        q, k, v, o_weight, num_heads, num_groups, rope_dim, nope_dim, phase, scale, moment, [(move_slow, key_weight)]
+    )[0]
 
-    # Every merged direction (an orthogonal change of basis per pair), then pick which keep RoPE.
-    merge = rope_key_merge(k_weight, k_bias, num_groups, head_dim, full, pair_moments(k_weight, k_bias, num_groups, head_dim, moment))
-    keys = with_bias_column(merge.weight, merge.bias).double()  # (2·half, d'): first components, then second
-    queries = merge_queries(*q, merge, num_heads, head_dim)  # (h, 2·half, d')
-    pair = torch.tensor(merge.pairs, device=keys.device)
-    cos, sin = phase[0][pair], phase[1][pair]
-    energy = _row_energy(keys[:half], sigma) + _row_energy(keys[half:], sigma)  # λ_n
+
+def _candidate_init(
+    spectra: _LayerSpectra,
+    dtype: torch.dtype,
+    has_bias: bool,
+    head_dim: int,
+    rope_dim: int,
+    nope_dim: int,
+    scale: float,
+    move_slow: bool,
+    key_weight: float,
+) -> KeyReuseInit:
+    """One (move_slow, key_weight) choice on top of the layer's shared spectra."""
+    sigma, centered, merge, keys, queries = spectra.sigma, spectra.centered, spectra.merge, spectra.keys, spectra.queries
+    cos, sin, energy, values = spectra.cos, spectra.sin, spectra.energy, spectra.values
+    head_output, g_half, g_inv_half = spectra.head_output, spectra.g_half, spectra.g_inv_half
+    half = keys.shape[0] // 2
     rope_value = energy * (1 - cos**2 - sin**2) if move_slow else energy
     kept = rope_value.argsort(descending=True)[: rope_dim // 2].sort().values
     moved = sorted(set(range(half)) - set(kept.tolist())) if key_weight > 0 else []
@@ -117,15 +200,9 @@ def key_reuse_init(
     nope_keys = torch.cat([c_m * a + s_m * b, c_m * b - s_m * a])
     nope_queries = queries[:, torch.cat([moved, moved + half])]
 
-    # Output-unit weights of the moved key rows and of the values.
-    o_heads = output_heads(o_weight, num_heads, head_dim)
-    values = with_bias_column(v_weight, v_bias).double()
-    group = torch.arange(num_heads, device=keys.device) // (num_heads // num_groups)
-    per_head_values = values.reshape(num_groups, head_dim, -1)[group]  # (h, D, d')
-    head_output = _row_energy(o_heads @ per_head_values, centered).sum(dim=1)  # Var‖W_O,i v_γ(i)‖, (h,)
+    # Output-unit weights of the moved key rows (the values' are the output metric G).
     weights = key_weight * (scale**2 * (_row_energy(nope_queries, sigma) * head_output[:, None]).sum(dim=0)).sqrt()
     weights = weights.clamp_min(weights.max().clamp_min(1e-30) * 1e-6) if weights.numel() else weights
-    g_half, g_inv_half = output_metric(o_weight, num_heads, num_groups, head_dim)
 
     # Second moment of z = [w·k̄(x) − E; G^{1/2}v(x)]: a key part constant over tokens shifts every score of
     # a query equally (softmax ignores it), so keys count centred; values count whole (their mean is output).
@@ -149,8 +226,7 @@ def key_reuse_init(
     value_total = second[rows:, rows:].diagonal().sum()
     value_error = float((residual[rows:, rows:].diagonal().sum().clamp_min(0) / value_total.clamp_min(1e-300)).sqrt())
 
-    dtype = k_weight.dtype
-    weight, bias = split_bias_column(latent, k_bias is not None)
+    weight, bias = split_bias_column(latent, has_bias)
     value = ValueBasis(weight[rope_dim:].to(dtype), None if bias is None else bias[rope_dim:].to(dtype), value_read, value_error)
     pairs = [merge.pairs[n] for n in kept.tolist()]
     return KeyReuseInit(latent.to(dtype), rope_mix.to(dtype), key_up.to(dtype), value, pairs, key_error, value_error)
