@@ -101,3 +101,14 @@ def print_table(rows: list[dict], model: Path, data: Path, tokens: int, seq_len:
             f"| {r['method']} | {r['kv_bytes']:,} | {r['kv_measured']:,.0f} | {r['kv_bytes'] / base:.1%} | "
             f"{r['ppl']:.3f} | {r['ratio']:.2f}x | {r['seconds']:.2f} |"
         )
+
+
+def text_slice(spec: Path | tuple[Path, int], folder: Path) -> Path:
+    """A data file, or (file, n) as a .txt of its first n bytes (last -n when negative) written into `folder`."""
+    if isinstance(spec, Path):
+        return spec
+    path, count = spec
+    data = path.read_bytes()
+    part = folder / f"{path.stem}.{'last' if count < 0 else 'first'}{abs(count)}.txt"
+    part.write_bytes(data[count:] if count < 0 else data[:count])
+    return part

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import REAL, convert_and_load, machine, measure
+from common import REAL, convert_and_load, machine, measure, text_slice
 from factorconv.convert.calibrate import calibration_tokens
 from factorconv.evaluate.baselines import mean_pooled_gqa
 from factorconv.evaluate.data import load_tokens
 from factorconv.errors import FactorConvError
 from factorconv.recipe import ConvertOptions
 
+SMOLLM2 = Path(os.environ.get("SMOLLM2", "~/.cache/factorconv/smollm2"))
 WIKITEXT = REAL / "wikitext-2-raw-canonical" / "wiki.test.raw"
 MODELS = {
     "stories260K": dict(
@@ -65,21 +66,22 @@ TPA_CONTEXTUAL = {
 }
 
 
-def _text_slice(spec: Path | tuple[Path, int], folder: Path) -> Path:
-    """A data file, or (file, n) as a .txt of its first n bytes (last -n when negative) written into `folder`."""
-    if isinstance(spec, Path):
+def model_spec(name: str, smollm2: Path) -> dict:
+    """MODELS[name] with its folder; SmolLM2's is the one build_smollm2.py wrote (not bundled)."""
+    spec = MODELS[name]
+    if spec["folder"] is not None:
         return spec
-    path, count = spec
-    data = path.read_bytes()
-    part = folder / f"{path.stem}.{'last' if count < 0 else 'first'}{abs(count)}.txt"
-    part.write_bytes(data[count:] if count < 0 else data[:count])
-    return part
+    folder = smollm2.expanduser()
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder} has no SmolLM2 model: build it with ../shared/tools/build_smollm2.py "
+                         f"{folder} (see ../shared/real/SOURCES.md) or pass --smollm2 DIR")
+    return {**spec, "folder": folder}
 
 
 def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Path) -> list[dict]:
     from transformers import AutoTokenizer
 
-    spec = {**spec, "eval": _text_slice(spec["eval"], data_dir), "calib": _text_slice(spec["calib"], data_dir)}
+    spec = {**spec, "eval": text_slice(spec["eval"], data_dir), "calib": text_slice(spec["calib"], data_dir)}
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
     tokens = load_tokens(spec["eval"], tokenizer, max_tokens=spec.get("eval_tokens", args.eval_tokens))
     source = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval().to(args.device)
@@ -136,19 +138,11 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, help="default: the library's")
     parser.add_argument("--calib-seq-len", type=int, help="default: the library's")
     parser.add_argument("--refine-steps", type=int, help="default: the library's")
-    parser.add_argument("--smollm2", type=Path, default=Path(os.environ.get("SMOLLM2", "~/.cache/factorconv/smollm2")),
-                        help="the SmolLM2-135M-Instruct folder build_smollm2.py wrote")
+    parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the SmolLM2-135M-Instruct folder build_smollm2.py wrote")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         for name in args.models:
-            spec = MODELS[name]
-            if spec["folder"] is None:
-                folder = args.smollm2.expanduser()
-                if not (folder / "config.json").is_file():
-                    raise SystemExit(f"{folder} has no SmolLM2 model: build it with ../shared/tools/build_smollm2.py "
-                                     f"{folder} (see ../shared/real/SOURCES.md) or pass --smollm2 DIR")
-                spec = {**spec, "folder": folder}
-            evaluate_model(name, spec, args, Path(data_dir))
+            evaluate_model(name, model_spec(name, args.smollm2), args, Path(data_dir))
 
 
 if __name__ == "__main__":
