@@ -12,7 +12,7 @@ from test_calibration import correlated_inputs, moment_of
 from factorconv.convert import convert
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from factorconv.factorize.common import cholesky_whitening
-from factorconv.factorize.key_reuse import key_reuse_init, key_reuse_inits, phase_average
+from factorconv.factorize.key_reuse import key_reuse_inits, phase_average
 from factorconv.factorize.tpa import tensor_product_init
 from factorconv.factorize.tpa_als import fit_contextual
 from factorconv.modeling.modeling_factorconv import TensorProduct, apply_rope
@@ -78,8 +78,8 @@ def test_moving_a_still_pair_to_nope_is_exact():
     weights, freqs, x, (h, g, D) = _key_reuse_problem()
     phase = phase_average(freqs, x.shape[0])
     moved = 2  # the 2 merged directions of the still pair (one per KV head) = 4 dims
-    init = key_reuse_init(*[(w, None) for w in weights[:3]], weights[3], h, g, g * D - 2 * moved, g * D + 2 * moved,
-                          phase, D**-0.5, moment_of(x))
+    init = key_reuse_inits(*[(w, None) for w in weights[:3]], weights[3], h, g, g * D - 2 * moved, g * D + 2 * moved,
+                           phase, D**-0.5, moment_of(x), [(True, 1.0)])[0]
     assert sorted(set(range(4)) - set(init.pairs)) == [3]  # the still pair is the one not rotated
     source, converted, values, read_back = _scores_and_values(init, weights, freqs, x, (h, g, D))
     assert torch.allclose(converted, source, atol=1e-6 * source.abs().max())
@@ -94,7 +94,7 @@ def test_key_reuse_candidates_share_work_but_not_results():
     candidates = [(False, 0.0), (True, 0.3), (False, 1.0), (True, 1.0)]
     together = key_reuse_inits(*args, candidates)
     for (move_slow, key_weight), init in zip(reversed(candidates), reversed(together)):
-        alone = key_reuse_init(*args, move_slow=move_slow, key_weight=key_weight)
+        (alone,) = key_reuse_inits(*args, [(move_slow, key_weight)])
         assert init.pairs == alone.pairs and init.key_error == alone.key_error
         assert torch.equal(init.latent, alone.latent) and torch.equal(init.key_up, alone.key_up)
         assert torch.equal(init.value.read, alone.value.read)
@@ -107,8 +107,7 @@ def test_partial_rope_beats_dropping_at_the_same_width():
     weights, freqs, x, (h, g, D) = _key_reuse_problem(seed=1)
     phase, moment = phase_average(freqs, x.shape[0]), moment_of(x)
     args = (*[(w, None) for w in weights[:3]], weights[3], h, g, 8, 16, phase, D**-0.5, moment)
-    dropped = key_reuse_init(*args, move_slow=False, key_weight=0.0)
-    moved = key_reuse_init(*args, move_slow=True, key_weight=1.0)
+    dropped, moved = key_reuse_inits(*args, [(False, 0.0), (True, 1.0)])
     assert 3 not in moved.pairs
     assert moved.key_error < dropped.key_error
 

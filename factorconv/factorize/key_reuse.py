@@ -131,7 +131,14 @@ def key_reuse_inits(
     moment: torch.Tensor | None,
     candidates: list[tuple[bool, float]],
 ) -> list[KeyReuseInit]:
-    """`key_reuse_init` for each (move_slow, key_weight) candidate, sharing the work that does not depend on it."""
+    """MFA-KR weights from (weight, bias) of the source q/k/v projections and W_O (see module doc), one per
+    (move_slow, key_weight) candidate, sharing the work that does not depend on it.
+
+    `phase` is `phase_average` of the source's frequencies, `scale` the softmax scale, `moment` E[x̃x̃ᵀ]
+    (None: identity, weight-only). `move_slow` ranks directions for RoPE by λ(1 − |m|²) (False: by λ, as MFA);
+    `key_weight` scales the NoPE keys against the values in the latent (0: directions not kept are dropped,
+    the latent holds values only).
+    """
     k_weight, k_bias = k
     head_dim = k_weight.shape[0] // num_groups
     full = num_groups * head_dim
@@ -144,33 +151,6 @@ def key_reuse_inits(
         _candidate_init(spectra, k_weight.dtype, k_bias is not None, head_dim, rope_dim, nope_dim, scale, slow, weight)
         for slow, weight in candidates
     ]
-
-
-def key_reuse_init(
-    q: tuple[torch.Tensor, torch.Tensor | None],
-    k: tuple[torch.Tensor, torch.Tensor | None],
-    v: tuple[torch.Tensor, torch.Tensor | None],
-    o_weight: torch.Tensor,
-    num_heads: int,
-    num_groups: int,
-    rope_dim: int,
-    nope_dim: int,
-    phase: tuple[torch.Tensor, torch.Tensor],
-    scale: float,
-    moment: torch.Tensor | None = None,
-    move_slow: bool = True,
-    key_weight: float = 1.0,
-) -> KeyReuseInit:
-    """MFA-KR weights from (weight, bias) of the source q/k/v projections and W_O (see module doc).
-
-    `phase` is `phase_average` of the source's frequencies, `scale` the softmax scale, `moment` E[x̃x̃ᵀ]
-    (None: identity, weight-only). `move_slow` ranks directions for RoPE by λ(1 − |m|²) (False: by λ, as MFA);
-    `key_weight` scales the NoPE keys against the values in the latent (0: directions not kept are dropped,
-    the latent holds values only).
-    """
-    return key_reuse_inits(
-        q, k, v, o_weight, num_heads, num_groups, rope_dim, nope_dim, phase, scale, moment, [(move_slow, key_weight)]
-    )[0]
 
 
 def _candidate_init(
