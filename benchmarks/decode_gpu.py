@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -39,6 +40,7 @@ from factorconv.convert.source import SourceCheckpoint  # noqa: E402
 from factorconv.convert.target import build_target_config  # noqa: E402
 from factorconv.evaluate.kv_cache import cache_bytes  # noqa: E402
 from factorconv.modeling import FactorConvForCausalLM, output_cache  # noqa: E402
+from factorconv.modeling.modeling_factorconv import single_head_attention  # noqa: E402
 from factorconv.recipe import ConvertOptions  # noqa: E402
 
 SHAPES = {"8b": LLAMA_3_1_8B, "1b": LLAMA_3_2_1B, "tiny": TINY_LLAMA}
@@ -156,46 +158,46 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
 
 @torch.no_grad()
 def attention_kernels(device: torch.device, cells: list[tuple[int, int]], heads: int, widths: list[tuple[int, int]]):
-    """One layer's decode attention (every head against one cached head) through SDPA (with and without a
-    padding mask) and through two matrix products (either operand order): median of 50 synchronized calls, ms."""
+    """One layer's decode attention (every head against one cached head, with a padding mask) through SDPA, two
+    query-first matrix products, and the model's own `single_head_attention`, at each context and one token more
+    (a token count that is not a multiple of 8, as 7 of every 8 steps of a growing cache have): median of 50
+    synchronized calls, ms."""
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"), scaling=1.0)
     rows = []
-    for batch, context in cells:
-        for key_width, value_width in widths:
-            q = torch.randn(batch, 1, heads, key_width, dtype=torch.bfloat16, device=device)
-            k = torch.randn(batch, 1, context, key_width, dtype=torch.bfloat16, device=device)
-            v = torch.randn(batch, 1, context, value_width, dtype=torch.bfloat16, device=device)
-            mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
+    for batch, base in cells:
+        for context in (base, base + 1):
+            for key_width, value_width in widths:
+                q = torch.randn(batch, heads, 1, key_width, dtype=torch.bfloat16, device=device)
+                k = torch.randn(batch, 1, context, key_width, dtype=torch.bfloat16, device=device)
+                v = torch.randn(batch, 1, context, value_width, dtype=torch.bfloat16, device=device)
+                mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
+                folded = q.transpose(1, 2)
 
-            def key_first():  # scores as key @ queryᵀ, softmax over the token axis (the faster order on a CPU)
-                scores = torch.matmul(k, q.transpose(2, 3)).float().masked_fill(~mask.transpose(2, 3), -1e30)
-                return torch.matmul(scores.softmax(-2).to(q.dtype).transpose(2, 3), v)
+                def query_first():  # scores as query @ keyᵀ, whatever the token count
+                    scores = torch.matmul(folded, k.transpose(2, 3)).float().masked_fill(~mask, -1e30)
+                    return torch.matmul(scores.softmax(-1).to(q.dtype), v)
 
-            def query_first():  # scores as query @ keyᵀ: the model's path on a GPU (single_head_attention)
-                scores = torch.matmul(q, k.transpose(2, 3)).float().masked_fill(~mask, -1e30)
-                return torch.matmul(scores.softmax(-1).to(q.dtype), v)
-
-            variants = {
-                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                "sdpa+mask": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                "k@q+mask": key_first,
-                "q@k+mask": query_first,
-            }
-            row = {"batch": batch, "context": context, "key_width": key_width, "value_width": value_width}
-            for name, fn in variants.items():
-                try:
-                    times = []
-                    for _ in range(55):
-                        sync(device)
-                        start = time.perf_counter()
-                        fn()
-                        sync(device)
-                        times.append(time.perf_counter() - start)
-                    row[name] = statistics.median(times[5:]) * 1e3
-                except RuntimeError as err:  # a backend that refuses these shapes
-                    row[name] = str(err).splitlines()[0][:60]
-            row["read_mib"] = (k.numel() + v.numel()) * 2 / 2**20
-            rows.append(row)
-            del q, k, v
+                variants = {
+                    "sdpa+mask": lambda: torch.nn.functional.scaled_dot_product_attention(folded, k, v, attn_mask=mask),
+                    "query-first": query_first,
+                    "model": lambda: single_head_attention(module, q, k, v, mask),
+                }
+                row = {"batch": batch, "context": context, "key_width": key_width, "value_width": value_width}
+                for name, fn in variants.items():
+                    try:
+                        times = []
+                        for _ in range(55):
+                            sync(device)
+                            start = time.perf_counter()
+                            fn()
+                            sync(device)
+                            times.append(time.perf_counter() - start)
+                        row[name] = statistics.median(times[5:]) * 1e3
+                    except RuntimeError as err:  # a backend that refuses these shapes
+                        row[name] = str(err).splitlines()[0][:60]
+                row["read_mib"] = (k.numel() + v.numel()) * 2 / 2**20
+                rows.append(row)
+                del q, k, v
     return rows
 
 
@@ -309,14 +311,14 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
         largest = int((fit_gib * 2**30 - model["param_bytes"]) // per_sequence)
         print(f"| {model['model']} | {cell['batch']} | {per_sequence / 2**30:.2f} | {largest} |")
     if result.get("kernels"):
-        print("\nOne layer's decode attention, every head against one cached head (ms, median of 50):\n")
-        print("| batch × context | key/value width | MiB read | sdpa | sdpa+mask | k@q+mask | q@k+mask |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("\nOne layer's decode attention, every head against one cached head, padding mask (ms, median of 50; "
+              "model: `single_head_attention`):\n")
+        print("| batch × tokens | key/value width | MiB read | sdpa+mask | query-first | model |")
+        print("|---|---|---:|---:|---:|---:|")
         for row in result["kernels"]:
-            values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in ("sdpa", "sdpa+mask", "k@q+mask", "q@k+mask")]
-            print(f"| {row['batch']} × {row['context'] // 1024}K | {row['key_width']}/{row['value_width']} | "
+            values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in ("sdpa+mask", "query-first", "model")]
+            print(f"| {row['batch']} × {row['context']:,} | {row['key_width']}/{row['value_width']} | "
                   f"{row['read_mib']:.0f} | " + " | ".join(values) + " |")
-
 
 if __name__ == "__main__":
     main()

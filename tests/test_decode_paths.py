@@ -33,14 +33,16 @@ def _layer(kind: str, impl: str):
     return model
 
 
+@pytest.mark.parametrize("length", [10, 16])
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "sdpa-matmul"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_decode_step_equals_prefill_row(kind, impl, monkeypatch):
-    """sdpa-matmul: the two-product path that a GPU takes."""
+def test_decode_step_equals_prefill_row(kind, impl, length, monkeypatch):
+    """sdpa-matmul: the two-product path that a GPU takes; `length` 10 and 16 tokens: its token-first and
+    query-first orders (a token count that is not a multiple of 8 puts the tokens on the products' rows)."""
     if impl == "sdpa-matmul":
         monkeypatch.setattr(modeling, "fused_decode_applies", lambda key: False)
     model = _layer(kind, impl.split("-")[0])
-    ids = torch.randint(0, 64, (2, 10))
+    ids = torch.randint(0, 64, (2, length))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the decode step's mask must hide it too
     with torch.no_grad():
@@ -55,6 +57,6 @@ def test_decode_step_equals_prefill_row(kind, impl, monkeypatch):
             model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **{CACHE_KEY: cache})
             out = model(ids[:, -1:], attention_mask=mask, output_attentions=True, **{CACHE_KEY: cache})
         probs = out.attentions[0]
-        assert probs.shape == (2, 6, 1, 10)
+        assert probs.shape == (2, 6, 1, length)
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 6, 1))
         assert float(probs[1, :, 0, :3].abs().max()) == 0.0  # padded positions get no weight

@@ -53,3 +53,34 @@ def test_cuda_generation_from_factor_cache(options, converted, load_model):
     # Decoding from factors and the full forward round differently in bf16, within bf16's precision.
     assert (torch.cat(steps, dim=1) - full[:, 8:]).abs().max().item() < 0.05 * scale
     assert (full - reference).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no padding", "left padding"])
+@pytest.mark.parametrize("options", TARGETS[1:], ids=lambda o: o["to"])
+def test_cuda_prefill_through_cudnn_equals_transformers_sdpa(options, padded, converted, monkeypatch):
+    """MFA/MFA-KR prefill hands SDPA the grouped key/value heads (and MFA-KR's values narrower than its keys) where
+    cuDNN takes them; the fallback goes through transformers' wrapper (heads repeated under a mask, values padded).
+    Both compute the same attention."""
+    from transformers import AutoModelForCausalLM
+
+    from factorconv.modeling import modeling_factorconv as modeling
+
+    folder = converted("llama_gqa", **options)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    ids = random_ids(2, 40, seed=3).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    calls = []
+    applies = modeling.cudnn_attention_applies
+    monkeypatch.setattr(modeling, "cudnn_attention_applies", lambda *a: calls.append(applies(*a)) or calls[-1])
+    with torch.no_grad():
+        direct = model(ids, attention_mask=mask).logits.float()
+        monkeypatch.setattr(modeling, "cudnn_attention_applies", lambda *a: False)
+        fallback = model(ids, attention_mask=mask).logits.float()
+    assert calls, "the prefill never asked whether cuDNN applies"
+    if not any(calls):
+        pytest.skip("this GPU's cuDNN attention does not take these shapes (the fallback ran twice)")
+    keep = mask.bool()
+    scale = fallback.abs().max().item()
+    assert (direct - fallback)[keep].abs().max().item() < 0.02 * scale
