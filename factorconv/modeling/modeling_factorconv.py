@@ -231,7 +231,7 @@ def cudnn_attention_applies(
 def fused_decode_applies(key: torch.Tensor) -> bool:
     """Whether SDPA's fused kernel is the fastest way through a decode step over one cached head of equal key and
     value widths: on a CPU it is (it takes any mask and width); on a GPU two matrix products beat every SDPA kernel
-    by 2-40x (benchmarks/results/decode_gpu.md: the fused kernels give the few folded query rows few blocks)."""
+    by 2-38x (benchmarks/results/decode_gpu.md: the fused kernels give the few folded query rows few blocks)."""
     return key.device.type == "cpu"
 
 
