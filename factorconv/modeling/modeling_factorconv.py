@@ -259,8 +259,8 @@ def single_head_attention(
     if offset is not None:
         value = key[..., offset:]
     # cuBLAS's fast kernels need leading dimensions that are multiples of 8: with a token count that is not (7 of
-    # every 8 steps of a growing cache) query-first products run 3-13x slower (benchmarks/results/decode_gpu.md),
-    # so the token axis goes on the rows of both products, where only the head count leads.
+    # every 8 steps of a growing cache) query-first products run 3-4x slower at 4 × 32K
+    # (benchmarks/results/decode_gpu.md), so the tokens go on the rows of both products, where only the heads lead.
     tokens_first = key.shape[-2] % 8 != 0
     if tokens_first:
         scores = torch.matmul(key, folded.transpose(2, 3)).transpose(2, 3)
@@ -504,7 +504,8 @@ class SharedKVAttention(nn.Module):
         width = value.shape[-1]
         if self.config._attn_implementation == "sdpa":
             mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-            if (mask is not None or key.shape[-2] == query.shape[-2]) and cudnn_attention_applies(query, key, value, mask):
+            causal_alignment = mask is not None or key.shape[-2] == query.shape[-2]  # is_causal aligns top-left
+            if causal_alignment and cudnn_attention_applies(query, key, value, mask):
                 dropout = self.attention_dropout if self.training else 0.0
                 out = nn.functional.scaled_dot_product_attention(
                     query, key, value, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=mask is None,
