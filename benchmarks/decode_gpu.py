@@ -310,15 +310,20 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
         per_sequence = (cell["peak_bytes"] - model["param_bytes"]) / cell["batch"]
         largest = int((fit_gib * 2**30 - model["param_bytes"]) // per_sequence)
         print(f"| {model['model']} | {cell['batch']} | {per_sequence / 2**30:.2f} | {largest} |")
-    if result.get("kernels"):
-        print("\nOne layer's decode attention, every head against one cached head, padding mask (ms, median of 50; "
-              "model: `single_head_attention`):\n")
-        print("| batch × tokens | key/value width | MiB read | sdpa+mask | query-first | model |")
-        print("|---|---|---:|---:|---:|---:|")
+    def variants_of(row: dict) -> tuple[str, ...]:  # a run's kernel columns (earlier runs timed other variants)
+        return tuple(k for k in row if k not in ("batch", "context", "key_width", "value_width", "read_mib"))
+
+    for variants in dict.fromkeys(variants_of(row) for row in result.get("kernels", [])):
+        print("\nOne layer's decode attention, every head against one cached head (ms, median of 50; model: "
+              "`single_head_attention`, with a padding mask like the other masked variants):\n")
+        print("| batch × tokens | key/value width | MiB read | " + " | ".join(variants) + " |")
+        print("|---|---|---:|" + "---:|" * len(variants))
         for row in result["kernels"]:
-            values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in ("sdpa+mask", "query-first", "model")]
-            print(f"| {row['batch']} × {row['context']:,} | {row['key_width']}/{row['value_width']} | "
-                  f"{row['read_mib']:.0f} | " + " | ".join(values) + " |")
+            if variants_of(row) == variants:
+                values = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" for k in variants]
+                print(f"| {row['batch']} × {row['context']:,} | {row['key_width']}/{row['value_width']} | "
+                      f"{row['read_mib']:.0f} | " + " | ".join(values) + " |")
+
 
 if __name__ == "__main__":
     main()
