@@ -94,6 +94,10 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option("--rope-dim", type=int, help="MFA-KR rotated width d_R (default: KV heads × head dim, exact).")
 @click.option("--nope-dim", type=int, help="MFA-KR shared key/value width d_N (default: KV heads × head dim, exact).")
 @click.option("--query-rank", type=int, help="MFA / MFA-KR: low-rank query product of this width.")
+@click.option("--mla", is_flag=True,
+              help="MFA-KR built to export as DeepSeek-V3 (MLA); shape from --mla-shape or --kv-budget.")
+@click.option("--mla-shape", help="With --mla: kv_lora_rank+qk_rope_head_dim, e.g. 512+64 or 256+64.")
+@click.option("--mqa", is_flag=True, help="MFA built to export as a Llama with one KV head.")
 @click.option("--kv-budget", type=float, help="Fraction of the source's KV bytes; per-layer widths are allocated.")
 @click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True)
 @click.option("--calib", help="Calibration data: .txt, .jsonl, .npy or a datasets name.")
@@ -147,6 +151,25 @@ def plan(source: str, target: str, **kwargs) -> None:
 
     options = ConvertOptions(source=source, output=Path("-"), to=target, **_given(kwargs))
     click.echo(format_plan(make_plan(options)))
+
+
+@main.command(name="export")
+@click.argument("model")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--format", "format_", type=click.Choice(["deepseek-v3", "llama"]), required=True,
+    help="deepseek-v3: MFA-KR as MLA (convert with --mla); llama: MFA as one KV head (convert with --mqa).",
+)
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
+@click.option("--revision", help="Hub branch, tag or commit of MODEL.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.pass_context
+def export_command(ctx: click.Context, model: str, output: Path, format_: str, **kwargs) -> None:
+    """Write MODEL (a factorconv folder) as a stock DeepSeek-V3 or Llama that serving engines run."""
+    from .export import export
+
+    folder = export(model, output, format_, progress=ctx.obj["progress"], **kwargs)
+    click.echo(f"wrote {folder}")
 
 
 @main.command(name="eval")

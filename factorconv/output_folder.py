@@ -21,14 +21,19 @@ logger = logging.getLogger("factorconv")
 
 
 def is_factorconv_output(folder: Path) -> bool:
-    """A folder factorconv wrote: a factorconv config.json (converted or fine-tuned) or a fine-tuning run's files."""
+    """A folder factorconv wrote: a factorconv config.json (converted or fine-tuned), a fine-tuning run's files or
+    an export (its factorconv_export.json)."""
     config = folder / "config.json"
-    if config.is_file():
+    if config.is_file() and not (folder / "factorconv_export.json").is_file():
         try:
             return json.loads(config.read_text()).get("model_type") == "factorconv"
         except (OSError, ValueError):
             return False
-    return (folder / ".checkpoints").is_dir() or (folder / "finetune_metrics.jsonl").is_file()
+    return (
+        (folder / ".checkpoints").is_dir()
+        or (folder / "finetune_metrics.jsonl").is_file()
+        or (folder / "factorconv_export.json").is_file()
+    )
 
 
 def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:

@@ -15,9 +15,10 @@ from .errors import FactorConvError
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 TARGET_OPTIONS: dict[str, set[str]] = {
     "tpa": {"rank_k", "rank_v", "rank_q", "contextual"},
-    "mfa": {"key_dim", "value_dim", "query_rank"},
-    "mfa_kr": {"rope_dim", "nope_dim", "query_rank"},
+    "mfa": {"key_dim", "value_dim", "query_rank", "mqa"},
+    "mfa_kr": {"rope_dim", "nope_dim", "query_rank", "mla", "mla_shape"},
 }
+WIDTH_OPTIONS = {"rank_k", "rank_v", "key_dim", "value_dim", "rope_dim", "nope_dim"}  # what kv_budget allocates
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -50,6 +51,20 @@ class ConvertOptions(BaseModel):
     rope_dim: int | None = Field(default=None, ge=2, description="MFA-KR rotated width d_R (default: exact)")
     nope_dim: int | None = Field(default=None, ge=1, description="MFA-KR shared key/value width d_N (default: exact)")
     query_rank: int | None = Field(default=None, ge=1, description="MFA/MFA-KR low-rank query product width C")
+    mla: bool = Field(
+        default=False,
+        description="MFA-KR built to export as DeepSeek-V3 (MLA): standard RoPE part, normalised latent, the same "
+        "shape in every layer (mla_shape, or kv_budget with a RoPE part of half the head dim)",
+    )
+    mla_shape: str | None = Field(
+        default=None, pattern=r"^\d+\+\d+$",
+        description="with mla: kv_lora_rank+qk_rope_head_dim, e.g. 512+64 or 256+64 (what vLLM's MLA kernels take)",
+    )
+    mqa: bool = Field(
+        default=False,
+        description="MFA built to export as a Llama with one KV head: key and value one head dim wide, one key pair "
+        "per RoPE frequency (caches 1/KV-heads of the source)",
+    )
     kv_budget: float | None = Field(
         default=None, gt=0, le=1, description="fraction of the source's KV bytes per token; ranks/dims are allocated"
     )
@@ -90,10 +105,22 @@ class ConvertOptions(BaseModel):
                 continue
             owners = [t for t, names in TARGET_OPTIONS.items() if name in names]
             raise ValueError(f"{name} applies to --to {'/'.join(owners)}, not {self.to}")
-        if self.kv_budget is not None:
-            explicit = [n for n in sorted(TARGET_OPTIONS[self.to] - {"contextual", "rank_q", "query_rank"}) if getattr(self, n)]
-            if explicit:
-                raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(explicit)}")
+        widths = [n for n in sorted(TARGET_OPTIONS[self.to] & WIDTH_OPTIONS) if getattr(self, n)]
+        if self.kv_budget is not None and widths:
+            raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(widths)}")
+        if self.mla_shape is not None and not self.mla:
+            raise ValueError("mla_shape is the shape of a DeepSeek-V3 export: use it with mla")
+        if self.mla or self.mqa:
+            flag = "mla" if self.mla else "mqa"
+            if widths:
+                raise ValueError(f"{flag} sets the widths itself; drop {', '.join(widths)}"
+                                 + (" (give the shape as mla_shape N+R)" if self.mla else ""))
+            if self.allocation == "greedy":
+                raise ValueError(f"{flag} needs the same widths in every layer: drop allocation greedy")
+        if self.mla and (self.mla_shape is None) == (self.kv_budget is None):
+            raise ValueError("mla needs its shape: pass mla_shape (e.g. 256+64) or kv_budget, not both")
+        if self.mqa and self.kv_budget is not None:
+            raise ValueError("mqa caches one key and one value head per layer, a fixed size: drop kv_budget")
         if self.init == "query-aware" and self.to != "mfa":
             raise ValueError("init 'query-aware' weights MFA's key merge: use it with --to mfa")
         if self.init == "als" and not (self.to == "tpa" and self.contextual):
@@ -109,6 +136,11 @@ class ConvertOptions(BaseModel):
     @property
     def query_aware(self) -> bool:
         return self.init == "query-aware"
+
+    @property
+    def serving_format(self) -> str | None:
+        """The stock architecture the conversion is built to export as."""
+        return "deepseek_v3" if self.mla else "llama" if self.mqa else None
 
     @property
     def layer_refine_steps(self) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..factorize.common import cholesky_whitening, input_moment, split_bias_column, with_bias_column
-from ..factorize.key_reuse import key_reuse_inits, phase_average
+from ..factorize.key_reuse import key_reuse_inits, latent_norm_weight, phase_average
 from ..factorize.mfa import (
     ValueBasis,
     low_rank_queries,
@@ -15,6 +15,7 @@ from ..factorize.mfa import (
     pair_moments,
     query_pair_energy,
     rope_key_merge,
+    strided_pairs,
 )
 from ..factorize.tpa import TensorProductInit, relative_error, tensor_product_init
 from ..factorize.tpa_als import fit_contextual
@@ -158,7 +159,8 @@ def convert_mfa_attention(
 ) -> LayerResult:
     """MFA: k_proj = RoPE-preserving key merge, v_proj = output-weighted value basis (under the input
     statistics when given); the source's q_proj and o_proj stay, with per-group maps into the merged key
-    (`rope_mix`) and out of the value basis (`value_up`)."""
+    (`rope_mix`) and out of the value basis (`value_up`). Built to serve as a Llama with one KV head, the merge
+    keeps one key pair per source frequency, in order."""
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     k_weight, k_bias = src.weight("k"), src.bias("k")
     moment = stats.moment if stats is not None else None
@@ -166,7 +168,9 @@ def convert_mfa_attention(
     if stats is not None and stats.query_aware:
         energy = query_pair_energy(src.weight("q"), src.bias("q"), heads, groups, head_dim, moment)
     moments = pair_moments(k_weight, k_bias, groups, head_dim, moment)
-    merge = rope_key_merge(k_weight, k_bias, groups, head_dim, config.key_dim[layer], moments, energy)
+    key_dim = config.key_dim[layer]
+    frequencies = strided_pairs(head_dim, key_dim) if config.serving_format == "llama" else None
+    merge = rope_key_merge(k_weight, k_bias, groups, head_dim, key_dim, moments, energy, frequencies)
     value = output_weighted_value_basis(
         src.weight("v"), src.bias("v"), src.weight("o"), heads, groups, config.value_dim[layer], moment
     )
@@ -190,16 +194,24 @@ def convert_mfa_kr_attention(
 ) -> LayerResult:
     """MFA-KR: c_proj = [RoPE key merge | joint latent of key directions moved to NoPE and the values]
     (factorize/key_reuse.py); the source's q_proj and o_proj stay, with per-group maps into both parts. With calibration activations the
-    partial-RoPE split and the key/value balance are chosen by measured attention-output error."""
+    partial-RoPE split and the key/value balance are chosen by measured attention-output error. Built to serve
+    as DeepSeek-V3 (MLA), the rotated part keeps one direction per frequency of the standard sequence of its width
+    and the latent is normalised (`latent_norm`, scale fitted on the calibration inputs)."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
     rotary = FactorConvRotaryEmbedding(config)
     phase = phase_average(rotary.inv_freq.to(src.device), config.max_position_embeddings, rotary.attention_scaling)
     q, k, v, o = ((src.weight(p), src.bias(p)) for p in "qkvo")
     acts = stats.activations if stats is not None else None
+    moment = stats.moment if stats is not None else None
+    rope_dim = config.rope_dim[layer]
     candidates = KEY_REUSE_CANDIDATES if acts is not None else KEY_REUSE_CANDIDATES[:1]
+    frequencies = None
+    if config.serving_format == "deepseek_v3":
+        frequencies = strided_pairs(config.head_dim, rope_dim)
+        candidates = tuple(c for c in candidates if not c[0])  # the rotated pairs are fixed: move_slow changes nothing
     inits = key_reuse_inits(
-        q, k, v, o[0], heads, groups, config.rope_dim[layer], config.nope_dim[layer], phase,
-        config.attention_scale, stats.moment if stats is not None else None, list(candidates),
+        q, k, v, o[0], heads, groups, rope_dim, config.nope_dim[layer], phase,
+        config.attention_scale, moment, list(candidates), frequencies,
     )
     best: tuple[float, LayerResult] | None = None
     for init in inits:
@@ -208,6 +220,10 @@ def convert_mfa_kr_attention(
         out[f"{src.prefix}c_proj.weight"] = weight
         if bias is not None:
             out[f"{src.prefix}c_proj.bias"] = bias
+        if config.latent_norm:
+            inputs = _fitting_inputs(acts) if acts is not None else None
+            nope_bias = None if bias is None else bias[rope_dim:]
+            out[f"{src.prefix}kv_norm.weight"] = latent_norm_weight(weight[rope_dim:], nope_bias, inputs, moment)
         out[f"{src.prefix}rope_mix"] = init.rope_mix
         out[f"{src.prefix}key_up"] = init.key_up
         out[f"{src.prefix}value_up"] = _value_up(init.value, groups)

@@ -14,6 +14,7 @@ from ..recipe import ConvertOptions
 from .calibrate import LayerwiseRunner
 from .layers import SourceAttention
 from .source import SourceCheckpoint
+from .target import serving_widths
 
 WIDTH_FIELDS = {"tpa": ("rank_k", "rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}
 
@@ -149,7 +150,11 @@ def allocate_widths(
     spectra: bool = True,
 ) -> list[LayerPlan]:
     """Widths per layer; `spectra=False` skips reading the weights (uniform widths do not need them, only the
-    predicted errors `factorconv plan` prints do)."""
+    predicted errors `factorconv plan` prints do). Serving shapes (`mla`, `mqa`) are fixed, read no weights."""
+    geometry = Geometry.of(source.config)
+    if options.serving_format is not None:
+        widths = serving_widths(options, geometry.head_dim, geometry.source_width)
+        return [LayerPlan(i, dict(widths), sum(widths.values()), None) for i in range(geometry.layers)]
     layers, have_spectra = layer_components(options, source, tokens, device, spectra)
     return plan_layers(options, Geometry.of(source.config), layers, have_spectra)
 

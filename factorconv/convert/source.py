@@ -61,7 +61,9 @@ def source_reference(source: str) -> str:
 class SourceCheckpoint:
     """Config and lazily read tensors of a supported Llama-family checkpoint in safetensors format."""
 
-    def __init__(self, folder: Path, require_weights: bool = True) -> None:
+    def __init__(
+        self, folder: Path, require_weights: bool = True, architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES
+    ) -> None:
         self.folder = folder
         if not (folder / "config.json").is_file():
             raise FactorConvError(f"{folder} has no config.json; pass a Hugging Face model folder")
@@ -69,13 +71,11 @@ class SourceCheckpoint:
             self.config: PreTrainedConfig = AutoConfig.from_pretrained(folder)
         except (ValueError, KeyError, OSError) as err:
             raise FactorConvError(f"cannot read {folder / 'config.json'}: {err}".splitlines()[0]) from None
-        architectures = getattr(self.config, "architectures", None) or []
-        if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
-            found = architectures[0] if architectures else f"model_type {self.config.model_type!r}"
-            raise FactorConvError(
-                f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        self.architecture = architectures[0]
+        found = getattr(self.config, "architectures", None) or []
+        if not found or found[0] not in architectures:
+            name = found[0] if found else f"model_type {self.config.model_type!r}"
+            raise FactorConvError(f"unsupported architecture {name}; supported: {', '.join(architectures)}")
+        self.architecture = found[0]
         has_files = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
         self._file_of = self._index_tensors() if require_weights or has_files else {}
 

@@ -51,6 +51,38 @@ def _has_bias(source: SourceCheckpoint, name: str, qkv_default: bool) -> bool:
     return qkv_default or bool(getattr(source.config, "attention_bias", False))
 
 
+def serving_widths(options: ConvertOptions, head_dim: int, source_width: int) -> dict[str, int]:
+    """The widths of a conversion built to export as a stock architecture (the same in every layer).
+
+    `mqa`: one key and one value head of the source's head dim. `mla`: kv_lora_rank + qk_rope_head_dim from
+    `mla_shape`, or from `kv_budget` with a RoPE part of half the head dim (DeepSeek-V3's 64 of 128).
+    """
+    d = head_dim
+    if options.mqa:
+        return {"key_dim": d, "value_dim": d}
+    if options.mla_shape is not None:
+        nope, rope = (int(part) for part in options.mla_shape.split("+"))
+        where = f"--mla-shape {options.mla_shape}"
+    else:
+        rope = d // 2
+        nope = int(options.kv_budget * source_width) - rope
+        where = f"--kv-budget {options.kv_budget}"
+        if nope < 1:
+            least = (rope + 1) / source_width
+            raise FactorConvError(f"{where} is too small for --mla: the least it can cache is {least:.1%} of the source")
+    if rope % 2 or not 2 <= rope <= d or d % rope:
+        raise FactorConvError(
+            f"{where}: the RoPE part ({rope}) must be even and divide the head dim {d} (e.g. {d // 2}), so that its "
+            "frequencies are the source's"
+        )
+    if not 1 <= nope <= source_width - rope:
+        raise FactorConvError(
+            f"{where}: the latent (kv_lora_rank, {nope}) must be between 1 and {source_width - rope} for this source, "
+            f"e.g. {d}+{d // 2}"
+        )
+    return {"rope_dim": rope, "nope_dim": nope}
+
+
 PLAN_FIELDS = {"rank_k": "tpa_rank_k", "rank_v": "tpa_rank_v"}  # plan names that differ from config names
 
 
@@ -76,6 +108,9 @@ def build_target_config(
         )
     layer0 = "model.layers.0."
     per_layer = {}
+    if plans is None and options.serving_format is not None:
+        widths = serving_widths(options, head_dim, 2 * kv_heads * head_dim)
+        per_layer = {name: [value] * cfg.num_hidden_layers for name, value in widths.items()}
     for plan in plans or []:
         for name, value in plan.widths.items():
             per_layer.setdefault(PLAN_FIELDS.get(name, name), []).append(value)
@@ -109,6 +144,8 @@ def build_target_config(
         rope_dim=options.rope_dim,
         nope_dim=options.nope_dim,
         query_rank=options.query_rank,
+        latent_norm=options.mla,
+        serving_format=options.serving_format,
         source_model=source_reference(options.source),
         source_revision=options.revision,
         source_architecture=source.architecture,

@@ -130,6 +130,7 @@ def key_reuse_inits(
     scale: float,
     moment: torch.Tensor | None,
     candidates: list[tuple[bool, float]],
+    frequencies: list[int] | None = None,
 ) -> list[KeyReuseInit]:
     """MFA-KR weights from (weight, bias) of the source q/k/v projections and W_O (see module doc), one per
     (move_slow, key_weight) candidate, sharing the work that does not depend on it.
@@ -137,7 +138,8 @@ def key_reuse_inits(
     `phase` is `phase_average` of the source's frequencies, `scale` the softmax scale, `moment` E[x̃x̃ᵀ]
     (None: identity, weight-only). `move_slow` ranks directions for RoPE by λ(1 − |m|²) (False: by λ, as MFA);
     `key_weight` scales the NoPE keys against the values in the latent (0: directions not kept are dropped,
-    the latent holds values only).
+    the latent holds values only). With `frequencies` (source pairs, rope_dim/2 of them) exactly one direction,
+    the strongest, stays rotated per listed pair, in that order, whatever `move_slow` (DeepSeek-V3's RoPE part).
     """
     k_weight, k_bias = k
     head_dim = k_weight.shape[0] // num_groups
@@ -146,9 +148,13 @@ def key_reuse_inits(
         raise ValueError(f"rotated width must be even and between 2 and {full}, got {rope_dim}")
     if not 1 <= nope_dim <= 2 * full - rope_dim:
         raise ValueError(f"shared key/value width must be between 1 and {2 * full - rope_dim}, got {nope_dim}")
+    if frequencies is not None and len(frequencies) != rope_dim // 2:
+        raise ValueError(f"{len(frequencies)} frequencies for a rotated width of {rope_dim}")
     spectra = _layer_spectra(q, k, v, o_weight, num_heads, num_groups, head_dim, phase, moment)
     return [
-        _candidate_init(spectra, k_weight.dtype, k_bias is not None, head_dim, rope_dim, nope_dim, scale, slow, weight)
+        _candidate_init(
+            spectra, k_weight.dtype, k_bias is not None, head_dim, rope_dim, nope_dim, scale, slow, weight, frequencies
+        )
         for slow, weight in candidates
     ]
 
@@ -163,14 +169,20 @@ def _candidate_init(
     scale: float,
     move_slow: bool,
     key_weight: float,
+    frequencies: list[int] | None = None,
 ) -> KeyReuseInit:
     """One (move_slow, key_weight) choice on top of the layer's shared spectra."""
     sigma, centered, merge, keys, queries = spectra.sigma, spectra.centered, spectra.merge, spectra.keys, spectra.queries
     cos, sin, energy, values = spectra.cos, spectra.sin, spectra.energy, spectra.values
     head_output, g_half, g_inv_half = spectra.head_output, spectra.g_half, spectra.g_inv_half
     half = keys.shape[0] // 2
-    rope_value = energy * (1 - cos**2 - sin**2) if move_slow else energy
-    kept = rope_value.argsort(descending=True)[: rope_dim // 2].sort().values
+    if frequencies is not None:  # the full merge orders directions by source pair: n = p·g + j
+        groups = half // (head_dim // 2)
+        index = torch.tensor(frequencies, device=keys.device)
+        kept = index * groups + energy.reshape(-1, groups)[index].argmax(dim=1)
+    else:
+        rope_value = energy * (1 - cos**2 - sin**2) if move_slow else energy
+        kept = rope_value.argsort(descending=True)[: rope_dim // 2].sort().values
     moved = sorted(set(range(half)) - set(kept.tolist())) if key_weight > 0 else []
     moved = torch.tensor(moved, dtype=torch.long, device=keys.device)
     rope_rows = torch.cat([kept, kept + half])
@@ -210,3 +222,28 @@ def _candidate_init(
     value = ValueBasis(weight[rope_dim:].to(dtype), None if bias is None else bias[rope_dim:].to(dtype), value_read, value_error)
     pairs = [merge.pairs[n] for n in kept.tolist()]
     return KeyReuseInit(latent.to(dtype), rope_mix.to(dtype), key_up.to(dtype), value, pairs, key_error, value_error)
+
+
+def latent_norm_weight(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: torch.Tensor | None,
+    moment: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The RMSNorm scale w that makes w ⊙ c/rms(c) closest to c = weight·x + bias (DeepSeek-V3's kv_a_layernorm
+    in front of a latent built without one).
+
+    On calibration inputs (M, d) the per-dim least-squares fit, w_i = E[c_i²/r] / E[c_i²/r²] with r = rms(c);
+    without them √E[r²] from the input moment (identity: weight-only). What remains is each token's
+    deviation of r from typical, which refinement and healing then train with the norm in place.
+    """
+    if inputs is not None:
+        c = inputs.double() @ weight.double().T + (0 if bias is None else bias.double())
+        r = (c.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+        return ((c.pow(2) / r).mean(dim=0) / (c.pow(2) / r.pow(2)).mean(dim=0).clamp_min(1e-30)).to(weight.dtype)
+    rows = with_bias_column(weight, bias).double()
+    sigma = input_moment(weight.shape[1], bias is not None, moment, weight.device)
+    mean_square = ((rows @ sigma) * rows).sum() / weight.shape[0]
+    return torch.full((weight.shape[0],), float(mean_square.clamp_min(eps).sqrt()), dtype=weight.dtype, device=weight.device)
+

@@ -106,18 +106,27 @@ def rope_key_merge(
     key_dim: int,
     moments: torch.Tensor,
     query_energy: torch.Tensor | None = None,
+    frequencies: list[int] | None = None,
 ) -> KeyMerge:
     """Merge g RoPE'd key heads into one of width `key_dim`, keeping the strongest per-pair directions.
 
     With `query_energy` (see `query_pair_energy`) the error minimised is the query-weighted one,
     Σ_j E‖q_j‖² E‖k_j − k̂_j‖² per pair, so directions that queries barely read are dropped first.
+    With `frequencies` the merge keeps exactly one direction, the strongest, per listed source pair, in that
+    order (a stock architecture's RoPE: one pair per frequency of its own sequence).
     """
     total_pairs = num_groups * head_dim // 2
     if key_dim % 2 or not 2 <= key_dim <= 2 * total_pairs:
         raise ValueError(f"key width must be even and between 2 and {2 * total_pairs}, got {key_dim}")
     values, key_vectors, query_vectors = _pair_eigen(moments, query_energy)
-    order = values.flatten().argsort(descending=True)[: key_dim // 2]
-    order = order.sort().values  # group by source pair: pair p's directions stay together
+    if frequencies is not None:
+        if len(frequencies) != key_dim // 2:
+            raise ValueError(f"{len(frequencies)} frequencies for a key width of {key_dim}")
+        index = torch.tensor(frequencies, device=values.device)
+        order = index * num_groups + values[index].argmax(dim=1)
+    else:
+        order = values.flatten().argsort(descending=True)[: key_dim // 2]
+        order = order.sort().values  # group by source pair: pair p's directions stay together
     pairs = (order // num_groups).tolist()
     key_mixing = key_vectors.transpose(1, 2).reshape(-1, num_groups)[order]  # (n, g)
     query_mixing = query_vectors.transpose(1, 2).reshape(-1, num_groups)[order]
@@ -131,6 +140,17 @@ def rope_key_merge(
     dropped = values.sum() - values.flatten()[order].sum()
     error = float((dropped.clamp_min(0) / values.sum().clamp_min(1e-300)).sqrt())
     return KeyMerge(weight.to(k_weight.dtype), _cast(bias, k_weight.dtype), pairs, key_mixing, query_mixing, error)
+
+
+def strided_pairs(head_dim: int, width: int) -> list[int]:
+    """The source pairs whose frequencies are the standard RoPE sequence of a `width`-dim head with the same θ.
+
+    Pair n of a w-dim head rotates at θ^(−2n/w) = θ^(−2(n·D/w)/D): source pair n·D/w (every other one for
+    w = D/2, e.g. DeepSeek-V3's 64-dim RoPE part from a 128-dim Llama head; all of them for w = D).
+    """
+    if width % 2 or not 2 <= width <= head_dim or head_dim % width:
+        raise ValueError(f"a standard RoPE part must be even and divide the head dim {head_dim}, got {width}")
+    return [n * head_dim // width for n in range(width // 2)]
 
 
 def query_maps(merge: KeyMerge, head_dim: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ This file is copied next to converted weights and must import nothing but transf
 from transformers import PreTrainedConfig
 
 ATTENTION_KINDS = ("tpa", "mfa", "mfa_kr")
+SERVING_FORMATS = (None, "deepseek_v3", "llama")  # stock architectures a conversion can be built to fit
 # Folders written before the cache became a stock DynamicCache name this layer type in `layer_types`.
 _LEGACY_LAYER_TYPE = "factorconv"
 
@@ -35,7 +36,10 @@ class FactorConvConfig(PreTrainedConfig):
     rotated pair n of the key rotates at source frequency `rope_pair_index[l][n]`, the weights are stored in
     factored form (the source's query and output projections plus per-group maps, `attention_layout`
     "factored"), queries may go through a rank-`query_rank[l]` product (with `query_norm` between), and scores
-    are scaled by `attention_scale` (the source's 1/√head_dim), as TPA's.
+    are scaled by `attention_scale` (the source's 1/√head_dim), as TPA's. MFA-KR's `latent_norm` RMS-normalises
+    c_nope before it is cached (DeepSeek-V3's kv_a_layernorm). `serving_format` records that the conversion built
+    the model to fit a stock architecture ("deepseek_v3" for MFA-KR, "llama" for MFA), which `factorconv export`
+    writes it as.
     """
 
     model_type = "factorconv"
@@ -74,6 +78,8 @@ class FactorConvConfig(PreTrainedConfig):
     rope_pair_index: list[list[int]] | None = None
     query_rank: int | list[int] | None = None
     query_norm: bool = False
+    latent_norm: bool = False
+    serving_format: str | None = None
     attention_scale: float | None = None
     attention_layout: str = "factored"
     source_model: str | None = None
@@ -99,6 +105,10 @@ class FactorConvConfig(PreTrainedConfig):
         self.query_rank = _per_layer(self.query_rank, n, "query_rank")
         if self.attention_scale is None:
             self.attention_scale = self.head_dim**-0.5
+        if self.latent_norm and self.attention != "mfa_kr":
+            raise ValueError("latent_norm normalises MFA-KR's shared latent: use it with attention='mfa_kr'")
+        if self.serving_format not in SERVING_FORMATS:
+            raise ValueError(f"serving_format must be one of {SERVING_FORMATS}, got {self.serving_format!r}")
         rotated = self.key_dim if self.attention == "mfa" else self.rope_dim
         if any(width % 2 for width in rotated):
             raise ValueError(f"rotated key widths must be even (RoPE rotates pairs), got {rotated}")

@@ -549,6 +549,7 @@ class FactorConvMFAAttention(SharedKVAttention):
 
 class FactorConvMFAKRAttention(SharedKVAttention):
     """MFA-KR: one cached vector c = [RoPE(c_rope) | c_nope]; keys read all of it, values read c_nope.
+    With `latent_norm`, c_nope is RMS-normalised before caching, as in DeepSeek-V3's MLA (exportable as one).
 
     As in MLA's decoupled RoPE, the rotated part serves keys only, so the cache holds c once, already rotated:
     `values` in the cache layer is empty (zero width).
@@ -558,9 +559,14 @@ class FactorConvMFAKRAttention(SharedKVAttention):
         nope_dim = config.nope_dim[layer_idx]
         super().__init__(config, layer_idx, value_dim=nope_dim, nope_dim=nope_dim)
         self.c_proj = nn.Linear(config.hidden_size, config.rope_dim[layer_idx] + nope_dim, bias=config.qkv_bias)
+        # DeepSeek-V3's kv_a_layernorm (its own eps, not the config's): c_nope is normalised before it is cached.
+        self.kv_norm = FactorConvRMSNorm(nope_dim, eps=1e-6) if config.latent_norm else None
 
     def _new_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latent = self._rope(self.c_proj(x).unsqueeze(1), cos, sin)
+        latent = self.c_proj(x).unsqueeze(1)
+        if self.kv_norm is not None:
+            latent = torch.cat([latent[..., : self.rotary_width], self.kv_norm(latent[..., self.rotary_width :])], dim=-1)
+        latent = self._rope(latent, cos, sin)
         return latent, latent[..., :0]  # c is cached once, as the key; nothing separate for values
 
     def _parts(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,0 +1,128 @@
+"""`factorconv export`: a converted (or fine-tuned) factorconv folder rewritten as a stock architecture that serving
+engines run without remote code: MFA-KR as DeepSeek-V3 (MLA), MFA as a Llama with one KV head.
+
+Each format (its checks, config, tensor mapping, serving notes) lives in its own module; this one reads the
+folder, refuses what does not fit before writing anything, and streams the tensors layer by layer into a
+staging folder that is published whole.
+"""
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..card import CARD_FILE, source_license
+from ..convert.artifacts import copy_tokenizer_files
+from ..convert.source import SourceCheckpoint, resolve_source
+from ..convert.writer import ShardedWriter, parse_size
+from ..errors import FactorConvError
+from ..output_folder import check_output, output_lock, publish, sigterm_as_interrupt, staging_folder, unwritable
+from .deepseek_v3 import DEEPSEEK_V3
+from .formats import ExportFormat, ExportRefused
+from .llama import LLAMA
+
+FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (DEEPSEEK_V3, LLAMA)}
+EXPORT_FILE = "factorconv_export.json"  # provenance; also marks the folder as factorconv's for --overwrite
+_ATTENTION = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
+
+logger = logging.getLogger("factorconv")
+
+__all__ = ["EXPORT_FILE", "FORMATS", "ExportRefused", "export"]
+
+
+def export(
+    model: str,
+    output: Path,
+    format: str,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+    revision: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `model` (a factorconv folder or Hub id) to `output` as the stock architecture `format`."""
+    if format not in FORMATS:
+        raise FactorConvError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    fmt = FORMATS[format]
+    output = Path(output).expanduser()
+    local = Path(model).expanduser()
+    check_output(output, [local] if local.exists() else [], overwrite)
+    max_shard = parse_size(max_shard_size)
+    folder = resolve_source(model, revision)
+    checkpoint = SourceCheckpoint(folder, architectures=("FactorConvForCausalLM",))
+    checkpoint.check_complete()
+    config, read = checkpoint.config, checkpoint.reader()
+    fmt.check(config, read)
+    stock = fmt.stock_config(config)
+
+    with sigterm_as_interrupt(), output_lock(output):
+        staging = staging_folder(output)
+        try:
+            writer = ShardedWriter(staging, max_shard)
+            done: set[int] = set()
+            bar = tqdm(total=config.num_hidden_layers, desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
+            for name in checkpoint.names:
+                match = _ATTENTION.match(name)
+                if match is None:
+                    writer.add(name, checkpoint.tensor(name))
+                    continue
+                layer = int(match.group(1))
+                if layer in done:
+                    continue
+                dtype = read(f"model.layers.{layer}.self_attn.o_proj.weight").dtype
+                for target, tensor in fmt.attention_tensors(config, stock, layer, read).items():
+                    writer.add(target, tensor.to(dtype))
+                done.add(layer)
+                bar.update()
+            bar.close()
+            writer.close()
+            stock.save_pretrained(staging)
+            copy_tokenizer_files(staging, folder)
+            _write_provenance(staging, folder, model, config, stock, fmt)
+            publish(staging, output, overwrite)
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise unwritable(output, err) from None
+            raise
+    logger.info("wrote %s", output)
+    return output
+
+
+def _write_provenance(staging: Path, folder: Path, model: str, config, stock, fmt: ExportFormat) -> None:
+    """factorconv_export.json and the model card: what the folder is, where it came from, how to serve it."""
+    layers, size = config.num_hidden_layers, config.dtype.itemsize if hasattr(config.dtype, "itemsize") else 4
+    kv_bytes = fmt.cache_width(stock) * layers * size
+    source_kv = 2 * config.num_key_value_heads * config.head_dim * layers * size
+    record = {
+        "factorconv_version": __version__,
+        "format": fmt.name,
+        "architecture": fmt.architecture,
+        "exported_from": model,
+        "source_model": config.source_model,
+        "kv_bytes_per_token": {"source": source_kv, "exported": kv_bytes},
+    }
+    (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    license_ = source_license(folder)
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- factorconv",
+             f"- {fmt.name}"]
+    if config.source_model and re.match(r"^[\w.-]+/[\w.-]+$", config.source_model):
+        front.append(f"base_model: {config.source_model}")
+    if license_:
+        front.append(f"license: {license_}")
+    name = Path(model).name or model
+    body = [
+        *front, "---", "",
+        f"# {name} as {fmt.architecture}", "",
+        f"`{model}` ({config.attention.replace('_', '-')} attention, converted by factorconv from "
+        f"`{config.source_model}`) written by `factorconv export --format {fmt.name}` as a stock `{fmt.architecture}`: "
+        "the same attention, relabelled, so outputs equal the factorconv model's.", "",
+        f"KV cache per token: {kv_bytes:,} bytes ({kv_bytes / source_kv:.1%} of the source's {source_kv:,}) "
+        f"in {str(config.dtype).removeprefix('torch.')}.", "",
+        "## Serving", "",
+        fmt.serving.format(folder=f"<this folder>"),
+    ]
+    (staging / CARD_FILE).write_text("\n".join(body))
