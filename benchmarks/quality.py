@@ -7,7 +7,8 @@ For each model, target (TPA, MFA, MFA-KR) and budget: weight-only init, calibrat
 (`--refine-steps 0`: closed forms + least-squares o_proj refit, no Adam steps) and the default with calibration (statistics + local refinement); for TPA also
 contextual factors from the statistics or fitted by ALS (`--init als`); beside mean-pooled GQA at the same KV
 bytes. Budgets a target cannot reach (TPA needs at least one rank per K and V: 1/KV-heads of the bytes) are left
-out. SmolLM2-135M-Instruct (30 layers; a real Hub model) gets every target at 50% and 25%, weight-only and the
+out. MFA-KR built to export as DeepSeek-V3 (`--mla`) is measured beside free MFA-KR at every budget, MFA built to
+export as a Llama with one KV head (`--mqa`) beside free MFA at 1/KV-heads. SmolLM2-135M-Instruct (30 layers; a real Hub model) gets every target at 50% and 25%, weight-only and the
 defaults, calibrated on the first 600,000 bytes of WikiText-2's test set and evaluated on its last 300,000 (8,192
 tokens, windows of 512), as issue 17 measures it. Calibration size and refinement steps are the library's
 defaults unless given. Prints one Markdown table per model.
@@ -101,23 +102,32 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Pa
                 pooled = mean_pooled_gqa(source, int(heads))
                 rows.append({"budget": budget, **measure("mean-pooled GQA", pooled, tokens, spec["seq_len"], base,
                                                          time.perf_counter() - start)})
-            for target in ("tpa", "mfa", "mfa_kr"):
+            for target in args.targets:
                 contextual = TPA_CONTEXTUAL if target == "tpa" and spec.get("contextual", True) else {}
-                for label, init in (inits | contextual).items():
+                variants = {f"{target} {label}": init for label, init in (inits | contextual).items()}
+                # Built to export as a stock architecture, at the same KV bytes (MQA only at 1/KV-heads).
+                if target == "mfa_kr":
+                    variants |= {f"mfa_kr --mla {label}": {**init, "mla": True} for label, init in inits.items()}
+                if target == "mfa" and budget * kv_heads == 1:
+                    variants |= {f"mfa --mqa {label}": {**init, "mqa": True} for label, init in inits.items()}
+                for method, init in variants.items():
                     options = {**calib, **init} if init.get("init") != "weight" else {"device": args.device, **init}
                     if "refine_steps" not in init and init.get("init") != "weight" and args.refine_steps is not None:
                         options["refine_steps"] = args.refine_steps
+                    if not options.get("mqa"):
+                        options["kv_budget"] = budget
                     try:
-                        model, seconds = convert_and_load(
-                            spec["folder"], Path(tmp) / "out", to=target, kv_budget=budget, **options
-                        )
+                        model, seconds = convert_and_load(spec["folder"], Path(tmp) / "out", to=target, **options)
                     except FactorConvError as err:
                         if "too small" in str(err):
                             continue  # this target (variant) cannot reach this budget
                         raise
-                    rows.append({"budget": budget, **measure(f"{target} {label}", model, tokens, spec["seq_len"],
-                                                             base, seconds)})
-                    print(f"{name} {budget:.1%} {target} {label}: ratio {rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
+                    if options.get("mla"):
+                        width = model.config.rope_dim[0] + model.config.nope_dim[0]
+                        method += f" ({model.config.nope_dim[0]}+{model.config.rope_dim[0]})"
+                        assert width == int(budget * 2 * kv_heads * model.config.head_dim)
+                    rows.append({"budget": budget, **measure(method, model, tokens, spec["seq_len"], base, seconds)})
+                    print(f"{name} {budget:.1%} {method}: ratio {rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
     steps = args.refine_steps if args.refine_steps is not None else sized.layer_refine_steps
     print(f"\n### {name}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
           f"calibration {spec['calib'].name} ({shape[0]} x {shape[1]} tokens), "
@@ -138,6 +148,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, help="default: the library's")
     parser.add_argument("--calib-seq-len", type=int, help="default: the library's")
     parser.add_argument("--refine-steps", type=int, help="default: the library's")
+    parser.add_argument("--targets", nargs="+", choices=["tpa", "mfa", "mfa_kr"], default=["tpa", "mfa", "mfa_kr"])
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the SmolLM2-135M-Instruct folder build_smollm2.py wrote")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:

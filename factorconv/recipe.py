@@ -54,7 +54,7 @@ class ConvertOptions(BaseModel):
     mla: bool = Field(
         default=False,
         description="MFA-KR built to export as DeepSeek-V3 (MLA): standard RoPE part, normalised latent, the same "
-        "shape in every layer (mla_shape, or kv_budget with a RoPE part of half the head dim)",
+        "shape in every layer (mla_shape, or kv_budget: RoPE part up to the head dim, at most half the width)",
     )
     mla_shape: str | None = Field(
         default=None, pattern=r"^\d+\+\d+$",

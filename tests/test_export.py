@@ -146,10 +146,11 @@ def test_mla_conversion_structure(converted):
 
 
 def test_mla_from_kv_budget(converted):
-    """With a budget the RoPE part is half the head dim and the latent takes the rest of the layer's width."""
+    """With a budget the RoPE part is the whole head dim (every source frequency once) when that is at most half
+    the layer's width, and the latent takes the rest."""
     config = FactorConvConfig.from_pretrained(converted("llama_gqa", to="mfa_kr", mla=True, kv_budget=0.5))
     source_width = 2 * 2 * 16
-    assert set(config.rope_dim) == {8} and set(config.nope_dim) == {source_width // 2 - 8}
+    assert set(config.rope_dim) == {16} and set(config.nope_dim) == {source_width // 2 - 16}
 
 
 def test_mla_model_generates_with_a_smaller_cache(converted):

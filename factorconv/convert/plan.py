@@ -171,6 +171,29 @@ class PlanReport:
     target_kv_bytes: int
     source_parameters: int
     target_parameters: int
+    serving: str | None = None  # which stock serving shape this budget allows (`factorconv export`)
+
+
+# vLLM's fused MLA decode kernels (FlashMLA and friends) take these kv_lora_rank + qk_rope_head_dim shapes.
+ENGINE_MLA_SHAPES = ("512+64", "256+64")
+
+
+def serving_note(options: ConvertOptions, geometry: Geometry) -> str | None:
+    """What `--mla` (MFA-KR) would cache at this budget, or what `--mqa` (MFA) always caches."""
+    if options.to == "mfa":
+        share = 2 * geometry.head_dim / geometry.source_width
+        return (f"as Llama MQA (--mqa, then `factorconv export --format llama`): one KV head of {geometry.head_dim}, "
+                f"{share:.1%} of the source's KV bytes whatever the budget")
+    if options.to != "mfa_kr":
+        return None
+    try:
+        widths = serving_widths(options.model_copy(update={"mla": True}), geometry.head_dim, geometry.source_width)
+    except FactorConvError as err:
+        return f"as DeepSeek-V3 (--mla): {err}"
+    shape = f"{widths['nope_dim']}+{widths['rope_dim']}"
+    engines = "one vLLM's MLA kernels take" if shape in ENGINE_MLA_SHAPES else (
+        f"vLLM's MLA kernels take {' or '.join(ENGINE_MLA_SHAPES)}: pass --mla-shape for one of them")
+    return f"as DeepSeek-V3 (--mla, then `factorconv export --format deepseek-v3`): kv_lora_rank+qk_rope_head_dim = {shape} ({engines})"
 
 
 def make_plan(options: ConvertOptions) -> PlanReport:
@@ -206,6 +229,7 @@ def make_plan(options: ConvertOptions) -> PlanReport:
         sum(p.cache_width for p in plans) * size,
         source_params,
         target_params,
+        serving_note(options, geometry),
     )
 
 
@@ -233,4 +257,6 @@ def format_plan(report: PlanReport) -> str:
     ]
     if report.layers[0].predicted_error is None:
         lines.append("widths are uniform: no weights were read, so no error is predicted")
+    if report.serving is not None:
+        lines.append(f"serving: {report.serving}")
     return "\n".join(lines)

@@ -55,7 +55,8 @@ def serving_widths(options: ConvertOptions, head_dim: int, source_width: int) ->
     """The widths of a conversion built to export as a stock architecture (the same in every layer).
 
     `mqa`: one key and one value head of the source's head dim. `mla`: kv_lora_rank + qk_rope_head_dim from
-    `mla_shape`, or from `kv_budget` with a RoPE part of half the head dim (DeepSeek-V3's 64 of 128).
+    `mla_shape`, or from `kv_budget` with the widest standard RoPE part (at most the head dim) that takes no more
+    than half the layer's width.
     """
     d = head_dim
     if options.mqa:
@@ -64,12 +65,16 @@ def serving_widths(options: ConvertOptions, head_dim: int, source_width: int) ->
         nope, rope = (int(part) for part in options.mla_shape.split("+"))
         where = f"--mla-shape {options.mla_shape}"
     else:
-        rope = d // 2
-        nope = int(options.kv_budget * source_width) - rope
+        width = int(options.kv_budget * source_width)
         where = f"--kv-budget {options.kv_budget}"
-        if nope < 1:
-            least = (rope + 1) / source_width
-            raise FactorConvError(f"{where} is too small for --mla: the least it can cache is {least:.1%} of the source")
+        # Every source frequency once when it fits in half the layer's width (measured best: benchmarks/results/
+        # quality_*.md), else the widest standard RoPE part that does. DeepSeek-V3 itself rotates 64 of 128.
+        fitting = [w for w in range(2, d + 1, 2) if d % w == 0 and w <= width // 2]
+        if not fitting:
+            raise FactorConvError(f"{where} is too small for --mla: the least it can cache is {4 / source_width:.1%} "
+                                  "of the source")
+        rope = fitting[-1]
+        nope = width - rope
     if rope % 2 or not 2 <= rope <= d or d % rope:
         raise FactorConvError(
             f"{where}: the RoPE part ({rope}) must be even and divide the head dim {d} (e.g. {d // 2}), so that its "

@@ -10,6 +10,8 @@ def analytic_kv_bytes_per_token(config: PreTrainedConfig, bytes_per_value: int) 
     """What one token costs in the cache across all layers, from the architecture alone."""
     if isinstance(config, FactorConvConfig):
         return sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * bytes_per_value
+    if getattr(config, "kv_lora_rank", None):  # MLA (DeepSeek-V2/V3, and our exports): one latent + RoPE key
+        return (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * bytes_per_value
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * kv_heads * head_dim * config.num_hidden_layers * bytes_per_value
