@@ -238,8 +238,15 @@ class PushSection(_Section):
         return value
 
 
+class ExportSection(_Section):
+    format: Literal["deepseek-v3", "llama"] = Field(description="deepseek-v3 (needs target.mla) or llama (target.mqa)")
+    dir: Path = Field(description="folder for the stock-architecture copy of the final model")
+    max_shard_size: str = "2GB"
+
+
 class Recipe(_Section):
-    """source → target (+ calibration) → finetune → eval → output → push; optional sections are stages to skip."""
+    """source → target (+ calibration) → finetune → eval → output → export → push; optional sections are stages
+    to skip."""
 
     source: SourceSection
     target: TargetSection
@@ -247,6 +254,7 @@ class Recipe(_Section):
     finetune: dict[str, Any] | None = None
     eval: EvalSection | None = None
     output: OutputSection
+    export: ExportSection | None = None
     push: PushSection | None = None
     device: DeviceName = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto (convert and eval)")
 
@@ -383,7 +391,12 @@ def parse_recipe(data: Any, overrides: Sequence[str] = ()) -> Recipe:
         raise RecipeError(_error_line(err, _dotted)) from None
     if recipe.calibration is not None and recipe.calibration.get("data") is None:
         raise RecipeError("calibration.data: required (a .txt, .jsonl, .npy file or a datasets name)")
-    recipe.convert_options()
+    options = recipe.convert_options()
+    if recipe.export is not None:
+        needs = {"deepseek-v3": ("deepseek_v3", "target.kind: mfa_kr with target.mla: true"),
+                 "llama": ("llama", "target.kind: mfa with target.mqa: true")}[recipe.export.format]
+        if options.serving_format != needs[0]:
+            raise RecipeError(f"export.format {recipe.export.format}: the model must be built for it; set {needs[1]}")
     if recipe.finetune is not None:
         recipe.finetune_options()
     return recipe
@@ -416,7 +429,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> None:
 def _check_keys(data: dict) -> None:
     """Unknown keys, with a did-you-mean; sections this version cannot run."""
     _known(data, "", list(Recipe.model_fields))
-    for name, model in (("source", SourceSection), ("eval", EvalSection), ("output", OutputSection), ("push", PushSection)):
+    sections = (("source", SourceSection), ("eval", EvalSection), ("output", OutputSection), ("export", ExportSection),
+                ("push", PushSection))
+    for name, model in sections:
         if isinstance(data.get(name), dict):
             _known(data[name], name, list(model.model_fields))
     if isinstance(data.get("target"), dict):

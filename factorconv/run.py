@@ -22,6 +22,7 @@ from .card import CardResults, source_license, write_model_card
 from .errors import FactorConvError
 from .evaluate.kv_cache import analytic_kv_bytes_per_token
 from .hub import folder_problems, push, require_token
+from .output_folder import check_output_path, refuse_foreign
 from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
 
 logger = logging.getLogger("factorconv")
@@ -190,6 +191,8 @@ def _stages(recipe: Recipe) -> list[str]:
         stages.append(f"finetune ({budget}) to {recipe.final_dir}")
     if recipe.eval is not None:
         stages.append(f"eval on {recipe.eval.data}")
+    if recipe.export is not None:
+        stages.append(f"export as {recipe.export.format} to {recipe.export.dir}")
     if recipe.push is not None:
         stages.append(f"push to {recipe.push.repo_id}" + (f"@{recipe.push.revision}" if recipe.push.revision else ""))
     return stages
@@ -241,6 +244,9 @@ def run_recipe(
         _replaceable(converted)
     if finetune_options is not None and not _complete(final, records):
         _replaceable(final)
+    if recipe.export is not None:  # an earlier export (factorconv_export.json) may be replaced, nothing else
+        check_output_path(recipe.export.dir, [converted, final])
+        refuse_foreign(recipe.export.dir)
 
     license_ = _license(recipe)
     if reuse_convert:
@@ -267,6 +273,12 @@ def run_recipe(
         results.finetune_tokens = results.finetune_tokens or finetune_options.tokens
     repo_id = recipe.push.repo_id if recipe.push is not None else None
     _finish(final, records, recipe_text, license_=license_, results=results, repo_id=repo_id)
+    if recipe.export is not None:
+        from .export import export
+
+        echo(f"export    {final} -> {recipe.export.dir} ({recipe.export.format})")
+        export(str(final), recipe.export.dir, recipe.export.format, overwrite=recipe.export.dir.exists(),
+               max_shard_size=recipe.export.max_shard_size, progress=progress)
     if recipe.push is not None:
         url = push(
             final,

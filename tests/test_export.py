@@ -282,3 +282,39 @@ def test_real_models_export(tmp_path, model):
         _, logits, sequences = _factorconv_run(folder, ids)
         assert float((stock["logits"] - logits).abs().max()) <= 1e-4
         assert torch.equal(stock["sequences"], sequences)
+
+
+def test_plan_names_the_serving_shapes(source_dirs):
+    """`factorconv plan` says which DeepSeek-V3 shape a budget gives (and what vLLM's shapes would cost) and what
+    an MQA export caches."""
+    runner = CliRunner()
+    mla = runner.invoke(main, ["plan", str(source_dirs["llama_gqa"]), "--to", "mfa-kr", "--kv-budget", "0.5"])
+    assert mla.exit_code == 0, mla.output
+    assert "kv_lora_rank+qk_rope_head_dim = 16+16" in mla.output and "512+64 does not fit this source" in mla.output
+    mqa = runner.invoke(main, ["plan", str(source_dirs["llama_gqa"]), "--to", "mfa", "--kv-budget", "0.5"])
+    assert mqa.exit_code == 0 and "one KV head of 16, 50.0% of the source's KV bytes" in mqa.output
+
+
+def test_recipe_export_must_match_the_target():
+    base = {"source": "org/m", "output": {"dir": "out/x"}, "export": {"format": "deepseek-v3", "dir": "out/y"}}
+    with pytest.raises(FactorConvError, match="export.format deepseek-v3: .*target.mla: true"):
+        parse_recipe({**base, "target": {"kind": "mfa_kr", "kv_budget": 0.25}})
+    with pytest.raises(FactorConvError, match="export.format llama: .*target.mqa: true"):
+        parse_recipe({**base, "target": {"kind": "mfa_kr", "mla": True, "mla_shape": "24+8"},
+                      "export": {"format": "llama", "dir": "out/y"}})
+
+
+def test_recipe_run_exports(source_dirs, tmp_path):
+    """`factorconv run` with an export section: convert with target.mqa, then the stock Llama copy."""
+    from factorconv.run import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"source: {source_dirs['llama_gqa']}\ntarget: {{kind: mfa, mqa: true}}\noutput: {{dir: {tmp_path / 'm'}}}\n"
+        f"export: {{format: llama, dir: {tmp_path / 'served'}}}\n"
+    )
+    run_recipe(recipe, progress=False, echo=lambda line: None)
+    config = json.loads((tmp_path / "served" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 1
+    run_recipe(recipe, progress=False, echo=lambda line: None)  # again: the conversion is reused, the export replaced
+    assert (tmp_path / "served" / EXPORT_FILE).is_file()

@@ -191,9 +191,17 @@ def serving_note(options: ConvertOptions, geometry: Geometry) -> str | None:
     except FactorConvError as err:
         return f"as DeepSeek-V3 (--mla): {err}"
     shape = f"{widths['nope_dim']}+{widths['rope_dim']}"
-    engines = "one vLLM's MLA kernels take" if shape in ENGINE_MLA_SHAPES else (
-        f"vLLM's MLA kernels take {' or '.join(ENGINE_MLA_SHAPES)}: pass --mla-shape for one of them")
-    return f"as DeepSeek-V3 (--mla, then `factorconv export --format deepseek-v3`): kv_lora_rank+qk_rope_head_dim = {shape} ({engines})"
+    engines = []
+    for engine in ENGINE_MLA_SHAPES:
+        width = sum(int(part) for part in engine.split("+"))
+        try:
+            serving_widths(options.model_copy(update={"mla": True, "mla_shape": engine}), geometry.head_dim,
+                           geometry.source_width)
+            engines.append(f"--mla-shape {engine} is {width / geometry.source_width:.1%} of the source's KV bytes")
+        except FactorConvError:
+            engines.append(f"{engine} does not fit this source")
+    return (f"as DeepSeek-V3 (--mla, then `factorconv export --format deepseek-v3`): kv_lora_rank+qk_rope_head_dim = "
+            f"{shape}; vLLM's fused MLA kernels take {' or '.join(ENGINE_MLA_SHAPES)} ({'; '.join(engines)})")
 
 
 def make_plan(options: ConvertOptions) -> PlanReport:
