@@ -13,12 +13,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import convert_and_load, machine, measure
+from quality import MODELS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import factorconv.convert.pipeline as pipeline
-from common import convert_and_load, machine, measure
 from factorconv.evaluate.data import load_tokens
-from quality import MODELS
 
 BUILD_CONFIG = pipeline.build_target_config
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["stories260K", "pycode-27M"], default="stories260K")
     parser.add_argument("--budget", type=float, default=0.25)
-    parser.add_argument("--shapes", nargs="+", help="N+R shapes (default: every standard RoPE width up to half the width)")
+    parser.add_argument("--shapes", nargs="+", help="N+R shapes (default: every standard RoPE width that fits)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-tokens", type=int, default=65536)
     args = parser.parse_args()
@@ -43,7 +43,8 @@ def main() -> None:
     base = measure("source", source, tokens, spec["seq_len"], None, 0.0)["ppl"]
     head_dim = source.config.head_dim
     width = int(args.budget * 2 * source.config.num_key_value_heads * head_dim)
-    shapes = args.shapes or [f"{width - r}+{r}" for r in range(2, head_dim + 1, 2) if head_dim % r == 0 and r <= width // 2]
+    fitting = [r for r in range(2, head_dim + 1, 2) if head_dim % r == 0 and r <= width // 2]
+    shapes = args.shapes or [f"{width - r}+{r}" for r in fitting]
     calib = dict(calib=str(spec["calib"]), device=args.device)
     variants = [("mfa_kr free", dict(kv_budget=args.budget), BUILD_CONFIG)]
     variants += [(f"--mla {shape}", dict(mla=True, mla_shape=shape), BUILD_CONFIG) for shape in shapes]
@@ -60,7 +61,8 @@ def main() -> None:
                 label += f" ({model.config.nope_dim[0]}+{model.config.rope_dim[0]})" if "default" in label else ""
             rows.append(measure(label, model, tokens, spec["seq_len"], base, seconds))
     print(f"\n### {args.model}, MFA-KR at {args.budget:.1%} of the KV bytes ({width} per layer): eval "
-          f"{spec['eval'].name} ({tokens.numel():,} tokens), defaults with calibration {spec['calib'].name}; fp32; {machine()}\n")
+          f"{spec['eval'].name} ({tokens.numel():,} tokens), defaults with calibration {spec['calib'].name}; "
+          f"fp32; {machine()}\n")
     print("| conversion | KV bytes/token | perplexity | ratio | convert s |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import REAL, convert_and_load, machine, measure
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import REAL, convert_and_load, machine, measure
 from factorconv.evaluate.data import load_tokens
 from factorconv.export import export
 from factorconv.finetune import FinetuneOptions, finetune

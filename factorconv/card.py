@@ -292,4 +292,9 @@ def _dims(config: FactorConvConfig) -> str:
         dims = f"Widths per layer: d_K = {_per_layer(config.key_dim)}, d_V = {_per_layer(config.value_dim)}"
     else:
         dims = f"Widths per layer: d_R = {_per_layer(config.rope_dim)}, d_N = {_per_layer(config.nope_dim)}"
-    return dims + (f", query rank {_per_layer(config.query_rank)}" if config.query_rank else "")
+    dims += f", query rank {_per_layer(config.query_rank)}" if config.query_rank else ""
+    if config.serving_format is not None:  # the export format's --format name is its config value, dashed
+        fmt = config.serving_format.replace("_", "-")
+        dims += (f". Built to fit a stock architecture: `factorconv export MODEL OUT --format {fmt}` writes it as one "
+                 "that serving engines run without remote code")
+    return dims

@@ -393,10 +393,9 @@ def parse_recipe(data: Any, overrides: Sequence[str] = ()) -> Recipe:
         raise RecipeError("calibration.data: required (a .txt, .jsonl, .npy file or a datasets name)")
     options = recipe.convert_options()
     if recipe.export is not None:
-        needs = {"deepseek-v3": ("deepseek_v3", "target.kind: mfa_kr with target.mla: true"),
-                 "llama": ("llama", "target.kind: mfa with target.mqa: true")}[recipe.export.format]
-        if options.serving_format != needs[0]:
-            raise RecipeError(f"export.format {recipe.export.format}: the model must be built for it; set {needs[1]}")
+        if options.serving_format != recipe.export.format.replace("-", "_"):
+            needs = "kind: mfa_kr with target.mla: true" if recipe.export.format == "deepseek-v3" else "kind: mfa with target.mqa: true"
+            raise RecipeError(f"export.format {recipe.export.format}: the model must be built for it; set target.{needs}")
     if recipe.finetune is not None:
         recipe.finetune_options()
     return recipe

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REAL, TINY, VOCAB, build_source, random_ids, SourceSpec
+from conftest import REAL, TINY, VOCAB, SourceSpec, build_source, random_ids
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from factorconv.cli import main
@@ -221,7 +221,9 @@ def test_serving_options_are_validated(options, needle):
         ConvertOptions(source="s", output="o", **options)
 
 
-@pytest.mark.parametrize("shape, needle", [("24+6", "must be even and divide the head dim 16"), ("200+8", "between 1 and")])
+@pytest.mark.parametrize(
+    "shape, needle", [("24+6", "must be even and divide the head dim 16"), ("200+8", "between 1 and")]
+)
 def test_mla_shape_must_fit_the_source(source_dirs, tmp_path, shape, needle):
     with pytest.raises(FactorConvError, match=needle):
         convert(ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "o", to="mfa_kr", mla=True,

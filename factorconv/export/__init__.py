@@ -63,7 +63,9 @@ def export(
         try:
             writer = ShardedWriter(staging, max_shard)
             done: set[int] = set()
-            bar = tqdm(total=config.num_hidden_layers, desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
+            bar = tqdm(
+                total=config.num_hidden_layers, desc=f"exporting to {fmt.name}", unit="layer", disable=not progress
+            )
             for name in checkpoint.names:
                 match = _ATTENTION.match(name)
                 if match is None:
@@ -123,6 +125,6 @@ def _write_provenance(staging: Path, folder: Path, model: str, config, stock, fm
         f"KV cache per token: {kv_bytes:,} bytes ({kv_bytes / source_kv:.1%} of the source's {source_kv:,}) "
         f"in {str(config.dtype).removeprefix('torch.')}.", "",
         "## Serving", "",
-        fmt.serving.format(folder=f"<this folder>"),
+        fmt.serving.format(folder="<this folder>"),
     ]
     (staging / CARD_FILE).write_text("\n".join(body))

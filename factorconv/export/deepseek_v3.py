@@ -40,7 +40,7 @@ def _check(config: FactorConvConfig, read: Reader) -> None:
     if len(set(config.nope_dim)) != 1:
         raise refuse(config, DEEPSEEK_V3, "its layers have different latent widths; DeepSeek-V3 has one kv_lora_rank")
     if not config.latent_norm:
-        raise refuse(config, DEEPSEEK_V3, "its latent has no RMSNorm, which DeepSeek-V3 always applies (kv_a_layernorm)")
+        raise refuse(config, DEEPSEEK_V3, "its latent has no RMSNorm, which DeepSeek-V3 always applies")
     if config.mlp_bias:
         raise ExportRefused("cannot export as deepseek-v3: the MLP has biases, which DeepSeek-V3's MLP does not; "
                             "export --format llama from a `--to mfa --mqa` conversion instead")
@@ -49,8 +49,8 @@ def _check(config: FactorConvConfig, read: Reader) -> None:
     for layer in range(config.num_hidden_layers):
         if nonzero(query_rows(config, layer, read)[1]):
             raise ExportRefused(
-                "cannot export as deepseek-v3: the queries have biases (as Qwen2's do), which DeepSeek-V3's q_proj cannot "
-                "hold; export --format llama from a `--to mfa --mqa` conversion instead"
+                "cannot export as deepseek-v3: the queries have biases (as Qwen2's do), which DeepSeek-V3's q_proj "
+                "cannot hold; export --format llama from a `--to mfa --mqa` conversion instead"
             )
     check_frequencies(config, DEEPSEEK_V3, DeepseekV3RotaryEmbedding(_stock_config(config)), width)
 
@@ -158,7 +158,6 @@ a scaling type: sources with llama3 or linear RoPE scaling are exact in transfor
 DEEPSEEK_V3 = ExportFormat(
     name="deepseek-v3",
     kind="mfa_kr",
-    serving_format="deepseek_v3",
     convert_flag="--to mfa-kr --mla --mla-shape N+R",
     architecture="DeepseekV3ForCausalLM",
     check=_check,

@@ -23,9 +23,8 @@ class ExportFormat:
     """One stock architecture a factorconv model can be written as: the kind it takes, how its config and
     attention tensors are built, and how it is served. Everything but attention is copied by name."""
 
-    name: str  # the --format value, e.g. "deepseek-v3"
+    name: str  # the --format value, e.g. "deepseek-v3" (dashed config.serving_format of what convert builds for it)
     kind: str  # the factorconv attention kind it takes ("mfa_kr", "mfa")
-    serving_format: str  # what `convert` records in config.serving_format when it builds for this format
     convert_flag: str  # how to convert a model that fits, e.g. "--to mfa-kr --mla"
     architecture: str  # the stock class name written in config.json
     check: Callable[[FactorConvConfig, Reader], None]  # raises ExportRefused
@@ -48,7 +47,8 @@ def check_common(config: FactorConvConfig, fmt: ExportFormat, rotary_widths: lis
     if config.attention != fmt.kind:
         raise refuse(config, fmt, f"{fmt.name} takes {fmt.kind.replace('_', '-')} models")
     if len(set(rotary_widths)) != 1:
-        raise refuse(config, fmt, f"its layers have different widths ({sorted(set(rotary_widths))}); {fmt.name} has one shape")
+        widths = sorted(set(rotary_widths))
+        raise refuse(config, fmt, f"its layers have different widths ({widths}); {fmt.name} has one shape")
     width = rotary_widths[0]
     try:
         standard = strided_pairs(config.head_dim, width)
@@ -89,7 +89,8 @@ def query_rows(config: FactorConvConfig, layer: int, read: Reader) -> tuple[torc
     weight = read(prefix + "q_proj.weight")
     if weight is not None:
         return weight.double(), _double(read(prefix + "q_proj.bias"))
-    return read(prefix + "q_up.weight").double() @ read(prefix + "q_down.weight").double(), _double(read(prefix + "q_up.bias"))
+    product = read(prefix + "q_up.weight").double() @ read(prefix + "q_down.weight").double()
+    return product, _double(read(prefix + "q_up.bias"))
 
 
 def per_head(rows: torch.Tensor, heads: int) -> torch.Tensor:

@@ -49,7 +49,9 @@ def _stock_config(config: FactorConvConfig) -> LlamaConfig:
     )
 
 
-def _attention_tensors(config: FactorConvConfig, stock: LlamaConfig, layer: int, read: Reader) -> dict[str, torch.Tensor]:
+def _attention_tensors(
+    config: FactorConvConfig, stock: LlamaConfig, layer: int, read: Reader
+) -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{layer}.self_attn."
     heads = config.num_attention_heads
     with torch.device("meta"):
@@ -67,7 +69,8 @@ def _attention_tensors(config: FactorConvConfig, stock: LlamaConfig, layer: int,
     out[prefix + "o_proj.weight"] = (o_heads @ value_up).transpose(0, 1).flatten(1)
     if stock.attention_bias:
         zeros = o_weight.new_zeros
-        out[prefix + "q_proj.bias"] = (mix * per_head(q_bias, heads)).flatten() if q_bias is not None else zeros(q_weight.shape[0])
+        q_rows = (mix * per_head(q_bias, heads)).flatten() if q_bias is not None else zeros(q_weight.shape[0])
+        out[prefix + "q_proj.bias"] = q_rows
         for name in ("k_proj", "v_proj"):
             bias = read(f"{prefix}{name}.bias")
             out[f"{prefix}{name}.bias"] = bias if bias is not None else zeros(config.head_dim)
@@ -98,7 +101,6 @@ KV head on every GPU.
 LLAMA = ExportFormat(
     name="llama",
     kind="mfa",
-    serving_format="llama",
     convert_flag="--to mfa --mqa",
     architecture="LlamaForCausalLM",
     check=_check,

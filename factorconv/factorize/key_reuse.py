@@ -245,5 +245,6 @@ def latent_norm_weight(
     rows = with_bias_column(weight, bias).double()
     sigma = input_moment(weight.shape[1], bias is not None, moment, weight.device)
     mean_square = ((rows @ sigma) * rows).sum() / weight.shape[0]
-    return torch.full((weight.shape[0],), float(mean_square.clamp_min(eps).sqrt()), dtype=weight.dtype, device=weight.device)
+    scale = float(mean_square.clamp_min(eps).sqrt())
+    return torch.full((weight.shape[0],), scale, dtype=weight.dtype, device=weight.device)
 
