@@ -191,3 +191,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A staging folder for OUT, written under OUT's lock with SIGTERM as Ctrl-C: published whole when the block
+    ends, removed when it fails (a full disk or a read-only folder reported as one line)."""
+    with sigterm_as_interrupt(), output_lock(output):
+        staging = staging_folder(output)
+        try:
+            yield staging
+            publish(staging, output, overwrite)
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise unwritable(output, err) from None
+            raise

@@ -1,13 +1,12 @@
 """convert(): source checkpoint -> factorized output folder, one layer's attention in memory at a time."""
 
 import logging
-import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..errors import FactorConvError
-from ..output_folder import check_output, output_lock, publish, sigterm_as_interrupt, staging_folder, unwritable
+from ..output_folder import check_output, staged_output
 from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
 from .calibrate import LayerwiseRunner, calibration_tokens
@@ -46,51 +45,43 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     dtype = output_dtype(options, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None
 
-    with sigterm_as_interrupt(), output_lock(output):  # one run per OUT; SIGTERM cleans up like Ctrl-C
-        staging = staging_folder(output)
-        try:
-            writer = ShardedWriter(staging, max_shard)
-            reports: list[LayerReport] = []
-            read = source.reader()
-            bar = tqdm(total=config.num_hidden_layers, desc="converting", unit="layer", disable=not progress)
-            for name in source.names:
-                match = ATTENTION_TENSOR.match(name)
-                if match:
-                    layer = int(match.group(1))
-                    if reports and reports[-1].layer == layer:
-                        continue  # this layer's attention was converted when its first tensor came up
-                    acts = next(runner) if runner is not None else None
-                    stats = None
-                    if acts is not None and options.uses_statistics:
-                        stats = LayerStatistics(acts.moment(), options.query_aware, acts, options.init == "als")
-                    result = convert_attention(read, layer, config, device, stats)
-                    if result.rope_pairs is not None:
-                        config.rope_pair_index[layer] = result.rope_pairs
-                    if acts is not None:
-                        refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
-                        result.tensors = refined.tensors
-                        result.report.attention_error = refined.error_before
-                        result.report.refined_attention_error = refined.error_after
-                    reports.append(result.report)
-                    bar.update()
-                    if result.report.attention_error is not None:
-                        bar.set_postfix(error=f"{result.report.refined_attention_error:.3f}", refresh=False)
-                    for target_name, tensor in result.tensors.items():
-                        writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
-                elif not name.endswith(UNUSED_TENSOR_SUFFIXES):
-                    writer.add(name, source.tensor(name).to(dtype))
-            if len(reports) != config.num_hidden_layers:
-                raise FactorConvError(
-                    f"{source.folder} has attention weights for {len(reports)} of {config.num_hidden_layers} layers"
-                )
-            bar.close()
-            writer.close()
-            write_artifacts(staging, source.folder, config, options, reports)
-            publish(staging, output, options.overwrite)
-        except BaseException as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError):
-                raise unwritable(output, err) from None
-            raise
+    with staged_output(output, options.overwrite) as staging:  # one run per OUT; SIGTERM cleans up like Ctrl-C
+        writer = ShardedWriter(staging, max_shard)
+        reports: list[LayerReport] = []
+        read = source.reader()
+        bar = tqdm(total=config.num_hidden_layers, desc="converting", unit="layer", disable=not progress)
+        for name in source.names:
+            match = ATTENTION_TENSOR.match(name)
+            if match:
+                layer = int(match.group(1))
+                if reports and reports[-1].layer == layer:
+                    continue  # this layer's attention was converted when its first tensor came up
+                acts = next(runner) if runner is not None else None
+                stats = None
+                if acts is not None and options.uses_statistics:
+                    stats = LayerStatistics(acts.moment(), options.query_aware, acts, options.init == "als")
+                result = convert_attention(read, layer, config, device, stats)
+                if result.rope_pairs is not None:
+                    config.rope_pair_index[layer] = result.rope_pairs
+                if acts is not None:
+                    refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
+                    result.tensors = refined.tensors
+                    result.report.attention_error = refined.error_before
+                    result.report.refined_attention_error = refined.error_after
+                reports.append(result.report)
+                bar.update()
+                if result.report.attention_error is not None:
+                    bar.set_postfix(error=f"{result.report.refined_attention_error:.3f}", refresh=False)
+                for target_name, tensor in result.tensors.items():
+                    writer.add(target_name, tensor.to(device="cpu", dtype=dtype))
+            elif not name.endswith(UNUSED_TENSOR_SUFFIXES):
+                writer.add(name, source.tensor(name).to(dtype))
+        if len(reports) != config.num_hidden_layers:
+            raise FactorConvError(
+                f"{source.folder} has attention weights for {len(reports)} of {config.num_hidden_layers} layers"
+            )
+        bar.close()
+        writer.close()
+        write_artifacts(staging, source.folder, config, options, reports)
     logger.info("wrote %s", output)
     return output

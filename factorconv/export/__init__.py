@@ -9,7 +9,6 @@ staging folder that is published whole.
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -20,7 +19,7 @@ from ..convert.artifacts import copy_tokenizer_files
 from ..convert.source import SourceCheckpoint, resolve_source
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
-from ..output_folder import check_output, output_lock, publish, sigterm_as_interrupt, staging_folder, unwritable
+from ..output_folder import check_output, staged_output
 from .deepseek_v3 import DEEPSEEK_V3
 from .formats import ExportFormat, ExportRefused
 from .llama import LLAMA
@@ -58,38 +57,30 @@ def export(
     fmt.check(config, read)
     stock = fmt.stock_config(config)
 
-    with sigterm_as_interrupt(), output_lock(output):
-        staging = staging_folder(output)
-        try:
-            writer = ShardedWriter(staging, max_shard)
-            done: set[int] = set()
-            bar = tqdm(
-                total=config.num_hidden_layers, desc=f"exporting to {fmt.name}", unit="layer", disable=not progress
-            )
-            for name in checkpoint.names:
-                match = _ATTENTION.match(name)
-                if match is None:
-                    writer.add(name, checkpoint.tensor(name))
-                    continue
-                layer = int(match.group(1))
-                if layer in done:
-                    continue
-                dtype = read(f"model.layers.{layer}.self_attn.o_proj.weight").dtype
-                for target, tensor in fmt.attention_tensors(config, stock, layer, read).items():
-                    writer.add(target, tensor.to(dtype))
-                done.add(layer)
-                bar.update()
-            bar.close()
-            writer.close()
-            stock.save_pretrained(staging)
-            copy_tokenizer_files(staging, folder)
-            _write_provenance(staging, folder, model, config, stock, fmt)
-            publish(staging, output, overwrite)
-        except BaseException as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError):
-                raise unwritable(output, err) from None
-            raise
+    with staged_output(output, overwrite) as staging:
+        writer = ShardedWriter(staging, max_shard)
+        done: set[int] = set()
+        bar = tqdm(
+            total=config.num_hidden_layers, desc=f"exporting to {fmt.name}", unit="layer", disable=not progress
+        )
+        for name in checkpoint.names:
+            match = _ATTENTION.match(name)
+            if match is None:
+                writer.add(name, checkpoint.tensor(name))
+                continue
+            layer = int(match.group(1))
+            if layer in done:
+                continue
+            dtype = read(f"model.layers.{layer}.self_attn.o_proj.weight").dtype
+            for target, tensor in fmt.attention_tensors(config, stock, layer, read).items():
+                writer.add(target, tensor.to(dtype))
+            done.add(layer)
+            bar.update()
+        bar.close()
+        writer.close()
+        stock.save_pretrained(staging)
+        copy_tokenizer_files(staging, folder)
+        _write_provenance(staging, folder, model, config, stock, fmt)
     logger.info("wrote %s", output)
     return output
 

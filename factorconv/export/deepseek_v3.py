@@ -21,6 +21,7 @@ from .formats import (
     Reader,
     check_common,
     check_frequencies,
+    decoder_fields,
     group_of_heads,
     nonzero,
     per_head,
@@ -59,34 +60,19 @@ def _stock_config(config: FactorConvConfig) -> DeepseekV3Config:
     low_rank = config.query_rank is not None and config.query_norm
     has_bias = config.qkv_bias or config.o_bias
     return DeepseekV3Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        **decoder_fields(config),
         moe_intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
         first_k_dense_replace=config.num_hidden_layers,  # every layer dense: no MoE is built
-        num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads,  # MLA expands the latent to every head
         kv_lora_rank=config.nope_dim[0],
         q_lora_rank=config.query_rank[0] if low_rank else None,
         qk_rope_head_dim=config.rope_dim[0],
         qk_nope_head_dim=config.head_dim,
         v_head_dim=config.head_dim,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
-        rms_norm_eps=config.rms_norm_eps,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters=dict(config.rope_parameters),
         rope_interleave=True,
         attention_bias=has_bias,
-        attention_dropout=config.attention_dropout,
         num_mtp_layers=0,
         architectures=["DeepseekV3ForCausalLM"],
-        dtype=config.dtype,
     )
 
 

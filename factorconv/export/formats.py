@@ -78,6 +78,14 @@ def check_frequencies(config: FactorConvConfig, fmt: ExportFormat, stock_rotary:
         )
 
 
+def decoder_fields(config: FactorConvConfig) -> dict:
+    """The config fields every stock Llama-style decoder takes as they are."""
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+             "max_position_embeddings", "initializer_range", "rms_norm_eps", "pad_token_id", "bos_token_id",
+             "eos_token_id", "tie_word_embeddings", "attention_dropout", "dtype")
+    return {name: getattr(config, name) for name in names} | {"rope_parameters": dict(config.rope_parameters)}
+
+
 def nonzero(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and bool(tensor.abs().max() > 0)
 

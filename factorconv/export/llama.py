@@ -11,7 +11,17 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from ..modeling import FactorConvConfig
-from .formats import ExportFormat, Reader, check_common, check_frequencies, group_of_heads, per_head, query_rows, refuse
+from .formats import (
+    ExportFormat,
+    Reader,
+    check_common,
+    check_frequencies,
+    decoder_fields,
+    group_of_heads,
+    per_head,
+    query_rows,
+    refuse,
+)
 
 
 def _check(config: FactorConvConfig, read: Reader) -> None:
@@ -25,27 +35,12 @@ def _check(config: FactorConvConfig, read: Reader) -> None:
 
 def _stock_config(config: FactorConvConfig) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
+        **decoder_fields(config),
         num_key_value_heads=1,
         head_dim=config.head_dim,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
-        rms_norm_eps=config.rms_norm_eps,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters=dict(config.rope_parameters),
         attention_bias=config.qkv_bias or config.o_bias,  # Llama's flag covers q, k, v and o: missing ones are zeros
-        attention_dropout=config.attention_dropout,
         mlp_bias=config.mlp_bias,
         architectures=["LlamaForCausalLM"],
-        dtype=config.dtype,
     )
 
 
