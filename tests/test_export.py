@@ -62,35 +62,35 @@ def mqa_source(folder: Path) -> Path:
     return build_source(spec, folder, seed=5)
 
 
-CASES = [  # (source, conversion, export format)
-    ("llama_gqa", MLA, "deepseek-v3"),
-    ("llama_mha", MLA, "deepseek-v3"),
-    ("llama3_rope", MLA, "deepseek-v3"),
-    ("llama_gqa", MQA, "llama"),
-    ("llama_mha", MQA, "llama"),
-    ("llama3_rope", MQA, "llama"),
-    ("qwen2_gqa", MQA, "llama"),
-    ("llama_bias", MQA, "llama"),
-]
+CASES = {  # id -> (source, conversion, export format)
+    "llama_gqa-mla": ("llama_gqa", MLA, "deepseek-v3"),
+    "llama_mha-mla": ("llama_mha", MLA, "deepseek-v3"),
+    "llama3_rope-mla": ("llama3_rope", MLA, "deepseek-v3"),
+    "llama_gqa-mqa": ("llama_gqa", MQA, "llama"),
+    "llama_mha-mqa": ("llama_mha", MQA, "llama"),
+    "llama3_rope-mqa": ("llama3_rope", MQA, "llama"),
+    "qwen2_gqa-mqa": ("qwen2_gqa", MQA, "llama"),
+    "llama_bias-mqa": ("llama_bias", MQA, "llama"),
+    "llama_gqa-mla-query_rank": ("llama_gqa", {**MLA, "query_rank": 24}, "deepseek-v3"),  # multiplied out: exact
+    "llama_gqa-mqa-query_rank": ("llama_gqa", {**MQA, "query_rank": 24}, "llama"),
+}
 
 
 @pytest.fixture(scope="module")
 def exports(source_dirs, converted, tmp_path_factory):
     """(source, format) -> (converted folder, export folder, stock-process results), all exported in one process."""
     root = tmp_path_factory.mktemp("exports")
-    folders = {}
-    for name, options, fmt in CASES:
-        folders[(name, fmt)] = (converted(name, **options), None)
+    folders = {case: (converted(name, **options), None, fmt) for case, (name, options, fmt) in CASES.items()}
     mqa = mqa_source(root / "llama_mqa")
     mqa_converted = root / "llama_mqa-converted"
     convert(ConvertOptions(source=str(mqa), output=mqa_converted, **MQA), progress=False)
-    folders[("llama_mqa", "llama")] = (mqa_converted, mqa)
+    folders["llama_mqa-mqa"] = (mqa_converted, mqa, "llama")
     jobs, result = [], {}
-    for (name, fmt), (folder, source) in folders.items():
-        out = export(str(folder), root / f"{name}-{fmt}", fmt, progress=False)
+    for case, (folder, source, fmt) in folders.items():
+        out = export(str(folder), root / case, fmt, progress=False)
         ids = random_ids(2, PROMPT_LEN, seed=len(jobs))
         jobs.append({"folder": str(out), "ids": ids.tolist(), "new_tokens": NEW_TOKENS, "result": str(out / "r.pt")})
-        result[(name, fmt)] = (folder, out, ids, source)
+        result[case] = (folder, out, ids, source, fmt)
     run_stock(jobs)
     return {key: (*value, torch.load(value[1] / "r.pt")) for key, value in result.items()}
 
@@ -103,9 +103,9 @@ def _factorconv_run(folder: Path, ids: torch.Tensor):
     return model, logits, sequences
 
 
-@pytest.mark.parametrize("key", [(name, fmt) for name, _, fmt in CASES] + [("llama_mqa", "llama")])
-def test_export_loads_stock_and_matches(exports, key):
-    folder, out, ids, _, stock = exports[key]
+@pytest.mark.parametrize("case", [*CASES, "llama_mqa-mqa"])
+def test_export_loads_stock_and_matches(exports, case):
+    folder, out, ids, _, fmt, stock = exports[case]
     model, logits, sequences = _factorconv_run(folder, ids)
     config = json.loads((out / "config.json").read_text())
     assert stock["class"] == config["architectures"][0]
@@ -113,7 +113,7 @@ def test_export_loads_stock_and_matches(exports, key):
     assert float((stock["logits"] - logits).abs().max()) <= 1e-4
     assert torch.equal(stock["sequences"], sequences)
     layers, fc = model.config.num_hidden_layers, model.config
-    if key[1] == "deepseek-v3":
+    if fmt == "deepseek-v3":
         assert config["model_type"] == "deepseek_v3" and config["first_k_dense_replace"] == layers
         expected = (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * layers * 4
         assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (fc.nope_dim[0], fc.rope_dim[0])
@@ -129,7 +129,7 @@ def test_export_loads_stock_and_matches(exports, key):
 
 def test_mqa_from_an_mqa_source_is_exact(exports, source_model):
     """With one KV head already, --mqa keeps every key pair and value dim: source == converted == export."""
-    folder, out, ids, source, stock = exports[("llama_mqa", "llama")]
+    folder, out, ids, source, _, stock = exports["llama_mqa-mqa"]
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = reference(ids).logits

@@ -45,8 +45,6 @@ def _check(config: FactorConvConfig, read: Reader) -> None:
     if config.mlp_bias:
         raise ExportRefused("cannot export as deepseek-v3: the MLP has biases, which DeepSeek-V3's MLP does not; "
                             "export --format llama from a `--to mfa --mqa` conversion instead")
-    if config.query_rank is not None and config.query_norm and config.rms_norm_eps != 1e-6:
-        raise ExportRefused("cannot export as deepseek-v3: its query norm's eps is not DeepSeek-V3's 1e-6")
     for layer in range(config.num_hidden_layers):
         if nonzero(query_rows(config, layer, read)[1]):
             raise ExportRefused(
@@ -57,7 +55,6 @@ def _check(config: FactorConvConfig, read: Reader) -> None:
 
 
 def _stock_config(config: FactorConvConfig) -> DeepseekV3Config:
-    low_rank = config.query_rank is not None and config.query_norm
     has_bias = config.qkv_bias or config.o_bias
     return DeepseekV3Config(
         **decoder_fields(config),
@@ -65,7 +62,7 @@ def _stock_config(config: FactorConvConfig) -> DeepseekV3Config:
         first_k_dense_replace=config.num_hidden_layers,  # every layer dense: no MoE is built
         num_key_value_heads=config.num_attention_heads,  # MLA expands the latent to every head
         kv_lora_rank=config.nope_dim[0],
-        q_lora_rank=config.query_rank[0] if low_rank else None,
+        q_lora_rank=None,  # low-rank queries without a norm are multiplied out (exact)
         qk_rope_head_dim=config.rope_dim[0],
         qk_nope_head_dim=config.head_dim,
         v_head_dim=config.head_dim,
@@ -89,21 +86,10 @@ def _attention_tensors(
     dims = torch.cat([pairs, pairs + head_dim // 2])  # the source head dims of the kept pairs, rotate-half order
     mix = read(prefix + "rope_mix").double()  # (g, d_R/2)
     mix = torch.cat([mix, mix], dim=1)[group]  # (H, d_R): both components of each pair
-    low_rank = stock.q_lora_rank is not None
-    if low_rank:
-        q = read(prefix + "q_up.weight").double()
-    else:
-        q = query_rows(config, layer, read)[0]
-    q = per_head(q, heads)  # (H, D, in)
+    q = per_head(query_rows(config, layer, read)[0], heads)  # (H, D, hidden)
     q_pe = torch.stack([_interleaved(mix[h, :, None] * q[h, dims]) for h in range(heads)])
     q_rows = (scale * torch.cat([q, q_pe], dim=1)).flatten(0, 1)
-    out = {}
-    if low_rank:
-        out[prefix + "q_a_proj.weight"] = read(prefix + "q_down.weight")
-        out[prefix + "q_a_layernorm.weight"] = read(prefix + "q_norm.weight")
-        out[prefix + "q_b_proj.weight"] = q_rows
-    else:
-        out[prefix + "q_proj.weight"] = q_rows
+    out = {prefix + "q_proj.weight": q_rows}
     latent = read(prefix + "c_proj.weight")
     out[prefix + "kv_a_proj_with_mqa.weight"] = torch.cat([latent[rope:], _interleaved(latent[:rope])])
     latent_bias = read(prefix + "c_proj.bias")

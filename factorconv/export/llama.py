@@ -28,8 +28,6 @@ def _check(config: FactorConvConfig, read: Reader) -> None:
     width = check_common(config, LLAMA, config.key_dim)
     if width != config.head_dim or any(v != config.head_dim for v in config.value_dim):
         raise refuse(config, LLAMA, f"its keys and values are not one head dim ({config.head_dim}) wide")
-    if config.query_rank is not None and config.query_norm:
-        raise refuse(config, LLAMA, "its low-rank queries are normalised, which Llama cannot express")
     check_frequencies(config, LLAMA, LlamaRotaryEmbedding(_stock_config(config)), width)
 
 
