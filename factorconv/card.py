@@ -122,6 +122,39 @@ def write_model_card(
     return card_path
 
 
+def export_card(
+    config: FactorConvConfig,
+    *,
+    name: str,
+    model: str,
+    format_name: str,
+    architecture: str,
+    serving: str,
+    kv_bytes: tuple[int, int],
+    license: str | None = None,
+) -> ModelCard:
+    """The card of a `factorconv export` folder: what it is, where it came from, its cache, how to serve it."""
+    exported, source_kv = kv_bytes
+    data = ModelCardData(
+        base_model=config.source_model if _is_hub_id(config.source_model) else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        tags=["factorconv", format_name, "kv-cache-compression"],
+    )
+    body = "\n\n".join([
+        f"# {name} as {architecture}",
+        f"`{model}` ({config.attention.replace('_', '-')} attention, converted by factorconv from "
+        f"`{config.source_model}`) written by `factorconv export --format {format_name}` as a stock `{architecture}`: "
+        "the same attention, relabelled, so outputs equal the factorconv model's.",
+        f"KV cache per token: {exported:,} bytes ({exported / source_kv:.1%} of the source's {source_kv:,}) "
+        f"in {str(config.dtype).removeprefix('torch.')}.",
+        "## Serving",
+        serving,
+    ]) + "\n"
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body=body)
+
+
 def _is_hub_id(source: str | None) -> bool:
     return bool(source) and _HUB_ID.match(source) is not None and not Path(source).exists()
 

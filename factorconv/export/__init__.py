@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..card import CARD_FILE, source_license
+from ..card import CARD_FILE, export_card, source_license
 from ..convert.artifacts import copy_tokenizer_files
 from ..convert.source import SourceCheckpoint, resolve_source
 from ..convert.writer import ShardedWriter, parse_size
@@ -99,23 +99,9 @@ def _write_provenance(staging: Path, folder: Path, model: str, config, stock, fm
         "kv_bytes_per_token": {"source": source_kv, "exported": kv_bytes},
     }
     (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    license_ = source_license(folder)
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- factorconv",
-             f"- {fmt.name}"]
-    if config.source_model and re.match(r"^[\w.-]+/[\w.-]+$", config.source_model):
-        front.append(f"base_model: {config.source_model}")
-    if license_:
-        front.append(f"license: {license_}")
-    name = Path(model).name or model
-    body = [
-        *front, "---", "",
-        f"# {name} as {fmt.architecture}", "",
-        f"`{model}` ({config.attention.replace('_', '-')} attention, converted by factorconv from "
-        f"`{config.source_model}`) written by `factorconv export --format {fmt.name}` as a stock `{fmt.architecture}`: "
-        "the same attention, relabelled, so outputs equal the factorconv model's.", "",
-        f"KV cache per token: {kv_bytes:,} bytes ({kv_bytes / source_kv:.1%} of the source's {source_kv:,}) "
-        f"in {str(config.dtype).removeprefix('torch.')}.", "",
-        "## Serving", "",
-        fmt.serving.format(folder="<this folder>"),
-    ]
-    (staging / CARD_FILE).write_text("\n".join(body))
+    card = export_card(
+        config, name=Path(model).name or model, model=model, format_name=fmt.name, architecture=fmt.architecture,
+        serving=fmt.serving.format(folder="<this folder>"), kv_bytes=(kv_bytes, source_kv),
+        license=source_license(folder),
+    )
+    card.save(staging / CARD_FILE)
