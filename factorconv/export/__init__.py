@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..card import CARD_FILE, export_card, source_license
-from ..convert.artifacts import copy_tokenizer_files
+from ..convert.artifacts import copy_tokenizer_files, source_kv_bytes_per_token
 from ..convert.source import SourceCheckpoint, resolve_source
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
+from ..evaluate.kv_cache import analytic_kv_bytes_per_token
 from ..output_folder import check_output, staged_output
 from .deepseek_v3 import DEEPSEEK_V3
 from .formats import ExportFormat, ExportRefused
@@ -87,9 +88,8 @@ def export(
 
 def _write_provenance(staging: Path, folder: Path, model: str, config, stock, fmt: ExportFormat) -> None:
     """factorconv_export.json and the model card: what the folder is, where it came from, how to serve it."""
-    layers, size = config.num_hidden_layers, config.dtype.itemsize if hasattr(config.dtype, "itemsize") else 4
-    kv_bytes = fmt.cache_width(stock) * layers * size
-    source_kv = 2 * config.num_key_value_heads * config.head_dim * layers * size
+    size = config.dtype.itemsize if hasattr(config.dtype, "itemsize") else 4
+    kv_bytes, source_kv = analytic_kv_bytes_per_token(stock, size), source_kv_bytes_per_token(config, size)
     record = {
         "factorconv_version": __version__,
         "format": fmt.name,

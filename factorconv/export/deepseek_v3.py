@@ -135,6 +135,5 @@ DEEPSEEK_V3 = ExportFormat(
     check=_check,
     stock_config=_stock_config,
     attention_tensors=_attention_tensors,
-    cache_width=lambda stock: stock.kv_lora_rank + stock.qk_rope_head_dim,
     serving=SERVING,
 )

@@ -30,7 +30,6 @@ class ExportFormat:
     check: Callable[[FactorConvConfig, Reader], None]  # raises ExportRefused
     stock_config: Callable[[FactorConvConfig], PreTrainedConfig]
     attention_tensors: Callable[[FactorConvConfig, PreTrainedConfig, int, Reader], dict[str, torch.Tensor]]
-    cache_width: Callable[[PreTrainedConfig], int]  # numbers the stock model caches per token and layer
     serving: str  # markdown: how to serve the folder, what is and is not verified
 
 

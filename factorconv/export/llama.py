@@ -99,6 +99,5 @@ LLAMA = ExportFormat(
     check=_check,
     stock_config=_stock_config,
     attention_tensors=_attention_tensors,
-    cache_width=lambda stock: 2 * stock.num_key_value_heads * stock.head_dim,
     serving=SERVING,
 )
