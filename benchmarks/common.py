@@ -2,6 +2,7 @@
 
 import os
 import platform
+import site
 import time
 from pathlib import Path
 
@@ -112,3 +113,22 @@ def text_slice(spec: Path | tuple[Path, int], folder: Path) -> Path:
     part = folder / f"{path.stem}.{'last' if count < 0 else 'first'}{abs(count)}.txt"
     part.write_bytes(data[count:] if count < 0 else data[:count])
     return part
+
+
+def python_corpus(folder: Path, megabytes: float) -> Path:
+    """The installed packages' Python source, `transformers` excluded, sorted by path, up to `megabytes`."""
+    roots = sorted({Path(p) for p in site.getsitepackages() if Path(p).is_dir()})
+    limit, size = int(megabytes * 1e6), 0
+    out = folder / "python_corpus.txt"
+    with out.open("w", encoding="utf-8") as handle:
+        for root in roots:
+            for path in sorted(root.rglob("*.py")):
+                if "transformers" in path.relative_to(root).parts[:1] or size >= limit:
+                    continue
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                handle.write(text + "\n\n")
+                size += len(text.encode("utf-8")) + 2
+    return out

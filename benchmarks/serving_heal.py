@@ -13,14 +13,13 @@ order, concatenated up to --corpus-mb. The constrained rows are exported with `f
 """
 
 import argparse
-import site
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import REAL, convert_and_load, machine, measure
+from common import REAL, convert_and_load, machine, measure, python_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factorconv.evaluate.data import load_tokens
@@ -39,25 +38,6 @@ MODELS = {
         seq_len=1024, budget=0.25,
     ),
 }
-
-
-def python_corpus(folder: Path, megabytes: float) -> Path:
-    """The installed packages' Python source, `transformers` excluded, sorted by path, up to `megabytes`."""
-    roots = sorted({Path(p) for p in site.getsitepackages() if Path(p).is_dir()})
-    limit, size = int(megabytes * 1e6), 0
-    out = folder / "python_corpus.txt"
-    with out.open("w", encoding="utf-8") as handle:
-        for root in roots:
-            for path in sorted(root.rglob("*.py")):
-                if "transformers" in path.relative_to(root).parts[:1] or size >= limit:
-                    continue
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue
-                handle.write(text + "\n\n")
-                size += len(text.encode("utf-8")) + 2
-    return out
 
 
 def rows_for(kv_heads: int, budget: float) -> list[tuple[str, dict, str | None]]:

@@ -1,0 +1,153 @@
+"""Healing: perplexity ratio to the source after N tokens of `factorconv finetune`, per target, budget and method.
+
+    python benchmarks/heal_curves.py --model pycode-27M --device cuda \
+        [--targets mfa_kr:0.25,mfa:0.25,tpa:0.5] [--tokens 1M,5M,20M] [--methods "attention lr 1e-3" ...] \
+        [--json OUT.jsonl] [--png OUT.png]
+    python benchmarks/heal_curves.py --model stories260K --tokens 1M        # CPU
+
+Every conversion is the default calibrated one. Each (target, method, token count) is its own run: a fresh copy of
+the conversion healed for exactly that many tokens with the library's schedule (warmup 5%, cosine to 10%), so a
+row is what a user gets who asks for that many tokens, not a point on a longer run's curve. Healing is KL to the
+source, batch 16 × the model's eval window. Data: stories260K on TinyStories text; pycode-27M on the Python source of
+the installed packages with `transformers` excluded (its eval domain): every `*.py` under the interpreter's
+site-packages, in sorted path order, concatenated up to --corpus-mb (common.python_corpus). Eval: the held-out
+file of quality.py. Prints a Markdown table (ratio per token count, seconds per run).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import REAL, convert_and_load, machine, measure, python_corpus
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factorconv.evaluate.data import load_tokens
+from factorconv.finetune import FinetuneOptions, finetune
+
+MODELS = {
+    "stories260K": dict(
+        folder=REAL / "stories260K-hf", eval=REAL / "tinystories" / "valid.tok512.npy",
+        calib=REAL / "tinystories" / "train.tok512.npy", train=REAL / "tinystories" / "tinystories.txt",
+        heal_eval=REAL / "tinystories" / "TinyStories-valid.txt", seq_len=512,
+    ),
+    "pycode-27M": dict(
+        folder=REAL / "pycode-27M-hf", eval=REAL / "pycode-eval" / "heldout.jsonl",
+        calib=REAL / "pycode-eval" / "calib.jsonl", train=None, heal_eval=REAL / "pycode-eval" / "heldout.jsonl",
+        seq_len=1024,
+    ),
+}
+# Which weights train and at what peak learning rate (FinetuneOptions fields).
+METHODS = {
+    "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
+    "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
+    "attention lr 1e-2": dict(trainable="attention", lr=1e-2),
+    "attention+norms lr 3e-3": dict(trainable="attention+norms", lr=3e-3),
+    "attention lr 3e-3 + LoRA-64 MLP": dict(trainable="attention", lr=3e-3, lora_r=64),
+    "all lr 3e-4": dict(trainable="all", lr=3e-4),
+    "all lr 1e-3": dict(trainable="all", lr=1e-3),
+    "all lr 3e-3": dict(trainable="all", lr=3e-3),
+}
+
+
+def count(text: str) -> int:
+    """'5M' -> 5_000_000, '500K' -> 500_000, '1000' -> 1000."""
+    scale = {"K": 1_000, "M": 1_000_000}.get(text[-1].upper(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), default="stories260K")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--targets", default="mfa_kr:0.25,mfa:0.25,tpa:0.5", help="kind:budget,...")
+    parser.add_argument("--tokens", default="5M", help="healing token counts, e.g. 1M,5M,20M")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--corpus-mb", type=float, default=40.0, help="pycode-27M healing corpus size")
+    parser.add_argument("--json", type=Path, help="append one JSON line per run here")
+    parser.add_argument("--png", type=Path, help="plot ratio against tokens (needs matplotlib)")
+    args = parser.parse_args()
+    spec = MODELS[args.model]
+    if not (spec["folder"] / "config.json").is_file():
+        raise SystemExit(f"{spec['folder']} not found: this benchmark needs ../shared/real beside the checkout")
+    targets = [(kind, float(budget)) for kind, budget in (t.split(":") for t in args.targets.split(","))]
+    token_counts = [count(t) for t in args.tokens.split(",")]
+    tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
+    tokens = load_tokens(spec["eval"], tokenizer)
+    source = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval().to(args.device)
+    base = measure("source", source, tokens, spec["seq_len"], None, 0.0)["ppl"]
+    del source
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train = spec["train"] or python_corpus(root, args.corpus_mb)
+        for kind, budget in targets:
+            converted = root / f"{kind}-{budget:g}"
+            model, convert_s = convert_and_load(spec["folder"], converted, calib=str(spec["calib"]),
+                                                device=args.device, to=kind, kv_budget=budget)
+            zero = measure(kind, model, tokens, spec["seq_len"], base, convert_s)["ratio"]
+            del model
+            for method in args.methods:
+                for n in token_counts:
+                    healed = root / "healed"
+                    start = time.perf_counter()
+                    finetune(FinetuneOptions(
+                        model=str(converted), output=healed, data=[str(train)], eval_data=str(spec["heal_eval"]),
+                        tokens=n, batch_size=args.batch_size, seq_len=spec["seq_len"], device=args.device,
+                        overwrite=True, **METHODS[method]), progress=False)
+                    seconds = time.perf_counter() - start
+                    model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval().to(args.device)
+                    ratio = measure(kind, model, tokens, spec["seq_len"], base, seconds)["ratio"]
+                    del model
+                    shutil.rmtree(healed)
+                    row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n,
+                               zero_shot=zero, ratio=ratio, heal_s=seconds, convert_s=convert_s)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if args.json:
+                        with args.json.open("a") as handle:
+                            handle.write(json.dumps(row) + "\n")
+    print(f"\n### {args.model}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
+          f"source perplexity {base:.3f}; default calibrated conversions; healing KL to the source, batch "
+          f"{args.batch_size} x {spec['seq_len']}, fp32 weights; {machine()}\n")
+    heads = " | ".join(f"{n / 1e6:g}M tokens" for n in token_counts)
+    print(f"| target, KV bytes | method | zero-shot | {heads} | heal s (largest) |")
+    print("|---|---|---:|" + "---:|" * len(token_counts) + "---:|")
+    for kind, budget in targets:
+        for method in args.methods:
+            runs = {r["tokens"]: r for r in rows if (r["target"], r["budget"], r["method"]) == (kind, budget, method)}
+            cells = " | ".join(f"{runs[n]['ratio']:.3f}x" for n in token_counts)
+            first = runs[token_counts[0]]
+            print(f"| {kind} {budget:.1%} | {method} | {first['zero_shot']:.3f}x | {cells} | "
+                  f"{runs[token_counts[-1]]['heal_s']:.0f} |")
+    if args.png:
+        plot(rows, base, args.png)
+
+
+def plot(rows: list[dict], base: float, path: Path) -> None:
+    """Ratio against healing tokens, one line per target and method (0 tokens: zero-shot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in dict.fromkeys((r["target"], r["budget"], r["method"]) for r in rows):
+        runs = sorted((r for r in rows if (r["target"], r["budget"], r["method"]) == key), key=lambda r: r["tokens"])
+        ax.plot([0] + [r["tokens"] for r in runs], [runs[0]["zero_shot"]] + [r["ratio"] for r in runs], marker="o",
+                label=f"{key[0]} {key[1]:.0%}, {key[2]}")
+    ax.set_xscale("symlog", linthresh=1e6)
+    ax.set_xlabel("healing tokens")
+    ax.set_ylabel(f"perplexity / source's ({base:.3f})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
