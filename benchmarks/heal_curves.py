@@ -46,11 +46,13 @@ METHODS = {
     "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
     "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
     "attention lr 1e-2": dict(trainable="attention", lr=1e-2),
+    "attention lr 2e-2": dict(trainable="attention", lr=2e-2),
     "attention+norms lr 3e-3": dict(trainable="attention+norms", lr=3e-3),
     "attention lr 3e-3 + LoRA-64 MLP": dict(trainable="attention", lr=3e-3, lora_r=64),
     "all lr 3e-4": dict(trainable="all", lr=3e-4),
     "all lr 1e-3": dict(trainable="all", lr=1e-3),
     "all lr 3e-3": dict(trainable="all", lr=3e-3),
+    "all lr 1e-2": dict(trainable="all", lr=1e-2),
 }
 
 
