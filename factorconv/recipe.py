@@ -68,10 +68,11 @@ class ConvertOptions(BaseModel):
     kv_budget: float | None = Field(
         default=None, gt=0, le=1, description="fraction of the source's KV bytes per token; ranks/dims are allocated"
     )
-    allocation: Literal["uniform", "greedy"] = Field(
+    allocation: Literal["uniform", "greedy", "measured"] = Field(
         default="uniform",
-        description="with kv_budget: the same widths in every layer, or greedy water-filling on the spectra "
-        "(greedy removes more predicted error but measured worse zero-shot on stories260K)",
+        description="with kv_budget: the same widths in every layer; greedy water-filling on the spectra "
+        "(greedy removes more predicted error but measured worse zero-shot on stories260K); or measured: "
+        "greedy on the spectra scaled by each layer's KL when converted alone (needs calib; one extra pass)",
     )
     calib: str | None = Field(default=None, description="calibration data: .txt, .jsonl, .npy or a datasets name")
     calib_samples: int = Field(default=64, ge=2, description="calibration sequences (10% are held out)")
@@ -115,8 +116,8 @@ class ConvertOptions(BaseModel):
             if widths:
                 raise ValueError(f"{flag} sets the widths itself; drop {', '.join(widths)}"
                                  + (" (give the shape as mla_shape N+R)" if self.mla else ""))
-            if self.allocation == "greedy":
-                raise ValueError(f"{flag} needs the same widths in every layer: drop allocation greedy")
+            if self.allocation != "uniform":
+                raise ValueError(f"{flag} needs the same widths in every layer: drop allocation {self.allocation}")
         if self.mla and (self.mla_shape is None) == (self.kv_budget is None):
             raise ValueError("mla needs its shape: pass mla_shape (e.g. 256+64) or kv_budget, not both")
         if self.mqa and self.kv_budget is not None:
@@ -125,6 +126,9 @@ class ConvertOptions(BaseModel):
             raise ValueError("init 'query-aware' weights MFA's key merge: use it with --to mfa")
         if self.init == "als" and not (self.to == "tpa" and self.contextual):
             raise ValueError("init 'als' fits contextual TPA factors: use it with --to tpa --contextual")
+        if self.allocation == "measured" and (self.calib is None or self.kv_budget is None):
+            raise ValueError("allocation 'measured' spreads a kv_budget by layer sensitivity measured on calibration "
+                             "data: pass kv_budget and calib")
         if self.calib is None and (self.init in ("stats", "query-aware", "als") or (self.refine_steps or 0) > 0):
             raise ValueError(f"init {self.init!r} and refine_steps need calibration data: pass calib")
         return self

@@ -107,6 +107,8 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
             greedy = options.allocation == "greedy" and source.has_weights
             if options.allocation == "greedy" and not source.has_weights:
                 notes.append("greedy allocation reads the weights: the conversion may spread widths unevenly")
+            if options.allocation == "measured":
+                notes.append("measured allocation probes the calibration data: the conversion spreads widths unevenly")
             if options.calib is not None:
                 notes.append("planned without the calibration pass, which only the conversion runs")
             offline = {"source": str(folder), "revision": None, "calib": None, "device": "cpu"}

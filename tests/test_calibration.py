@@ -230,7 +230,7 @@ def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
     prefix = "model.layers.0.self_attn."
     with safe_open(out / "model.safetensors", "pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
-    module = refine._attention_module(config, 0, tensors, torch.device("cpu"))
+    module = refine.attention_module(config, 0, tensors, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(12, 16, config.hidden_size, generator=generator)
     rotary = FactorConvRotaryEmbedding(config)

@@ -116,6 +116,9 @@ class LayerwiseRunner:
         self.position_ids = torch.arange(tokens.shape[1], device=device)[None]
         self.position_embeddings = rotary(self.hidden[:1], self.position_ids)
         self.held_out = max(1, tokens.shape[0] // 10)
+        self.layer_input: torch.Tensor | None = None  # (N, T, d): the residual stream entering the layer last yielded
+        self._current = -1
+        self._head: tuple[torch.nn.Module, torch.Tensor] | None = None  # final norm and output embedding, on demand
 
     def _layer(self, index: int) -> torch.nn.Module:
         layer = self.skeleton.model.layers[index].to_empty(device=self.device).float()
@@ -124,28 +127,58 @@ class LayerwiseRunner:
         layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return layer.eval()
 
+    def _run(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, hidden.shape[0], self.batch_size):
+            chunk = hidden[start : start + self.batch_size]
+            out = layer(
+                chunk,
+                attention_mask=None,
+                position_ids=self.position_ids,
+                position_embeddings=tuple(p.expand(chunk.shape[0], -1, -1) for p in self.position_embeddings),
+            )
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs)
+
+    @torch.no_grad()
+    def apply_layer(self, hidden: torch.Tensor, attention: torch.nn.Module | None = None) -> torch.Tensor:
+        """The layer last yielded applied to other residual streams `hidden` (N', T, d), its attention optionally
+        replaced by `attention` (a factorconv attention module): how a converted layer's error propagates."""
+        layer = self.skeleton.model.layers[self._current]
+        if attention is None:
+            return self._run(layer, hidden)
+        source_attention, layer.self_attn = layer.self_attn, _AsSourceAttention(attention)
+        try:
+            return self._run(layer, hidden)
+        finally:
+            layer.self_attn = source_attention
+
+    @torch.no_grad()
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities (T, vocab) of one sequence's final residual stream (T, d)."""
+        if self._head is None:
+            norm = self.skeleton.model.norm.to_empty(device=self.device).float()
+            norm.load_state_dict({"weight": self.source.tensor("model.norm.weight").float()})
+            names = set(self.source.names)
+            head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
+            self._head = (norm, self.source.tensor(head).to(device=self.device, dtype=torch.float32))
+        norm, weight = self._head
+        return torch.log_softmax(norm(hidden) @ weight.T, dim=-1)
+
     @torch.no_grad()
     def __iter__(self) -> Iterator[LayerActivations]:
         for index in range(self.config.num_hidden_layers):
             layer = self._layer(index)
+            self.skeleton.model.layers[index], self._current = layer, index
             captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def capture(module, args, kwargs, output):
                 captured.append((kwargs.get("hidden_states", args[0] if args else None), output[0]))
 
             handle = layer.self_attn.register_forward_hook(capture, with_kwargs=True)
-            outputs = []
-            for start in range(0, self.hidden.shape[0], self.batch_size):
-                chunk = self.hidden[start : start + self.batch_size]
-                out = layer(
-                    chunk,
-                    attention_mask=None,
-                    position_ids=self.position_ids,
-                    position_embeddings=tuple(p.expand(chunk.shape[0], -1, -1) for p in self.position_embeddings),
-                )
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+            self.layer_input = self.hidden
+            self.hidden = self._run(layer, self.hidden)
             handle.remove()
-            self.hidden = torch.cat(outputs)
             yield LayerActivations(
                 index,
                 torch.cat([c[0] for c in captured]),
@@ -153,4 +186,16 @@ class LayerwiseRunner:
                 self.position_embeddings,
                 self.held_out,
             )
+            self.layer_input = None
             self.skeleton.model.layers[index] = layer.to("meta")  # free this layer's weights
+
+
+class _AsSourceAttention(torch.nn.Module):
+    """A factorconv attention module behind the source decoder layer's attention call (no cache, no mask: causal)."""
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **_) -> tuple[torch.Tensor, None]:
+        return self.attention(hidden_states, position_embeddings=position_embeddings)[0], None

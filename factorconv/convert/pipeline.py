@@ -39,8 +39,8 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
         tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len, source.config)
     plans = None
     if options.kv_budget is not None:  # uniform widths do not depend on spectra: no weights read, no calibration pass
-        greedy = options.allocation == "greedy"
-        plans = allocate_widths(options, source, tokens if greedy else None, device, spectra=greedy)
+        spread = options.allocation != "uniform"
+        plans = allocate_widths(options, source, tokens if spread else None, device, spectra=spread, progress=progress)
     config = build_target_config(source, options, plans)
     dtype = output_dtype(options, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None

@@ -13,6 +13,7 @@ from ..factorize.tpa import head_mode_gains
 from ..recipe import ConvertOptions
 from .calibrate import LayerwiseRunner
 from .layers import SourceAttention
+from .sensitivity import probe_layers, weighted_components
 from .source import SourceCheckpoint
 from .target import serving_widths
 
@@ -46,6 +47,7 @@ class LayerPlan:
     widths: dict[str, int]  # config field -> value, e.g. {"key_dim": 16, "value_dim": 16}
     cache_width: int  # numbers cached per token in this layer
     predicted_error: dict[str, float] | None  # relative error per component, None without weights
+    probe_kl: float | None = None  # measured allocation: KL with this layer alone converted at uniform widths
 
 
 def _flat_gains(count: int) -> list[float]:
@@ -120,13 +122,19 @@ def layer_components(
 
 
 def plan_layers(
-    options: ConvertOptions, geometry: Geometry, layers: list[list[Component]], have_spectra: bool
+    options: ConvertOptions,
+    geometry: Geometry,
+    layers: list[list[Component]],
+    have_spectra: bool,
+    weighted: list[list[Component]] | None = None,
 ) -> list[LayerPlan]:
-    """Allocate `options.kv_budget` over the layers' components (greedy needs real spectra)."""
+    """Allocate `options.kv_budget` over the layers' components (greedy needs real spectra); `weighted`: the
+    same components with measured-sensitivity gains, to allocate greedily on (errors are still predicted from
+    `layers`)."""
     budget = int(options.kv_budget * geometry.source_width * geometry.layers)
-    allocate = greedy_allocation if options.allocation == "greedy" and have_spectra else uniform_allocation
+    greedy = weighted is not None or (options.allocation == "greedy" and have_spectra)
     try:
-        widths = allocate(layers, budget)
+        widths = (greedy_allocation if greedy else uniform_allocation)(weighted or layers, budget)
     except ValueError as err:
         least = sum(c.minimum * c.unit_width for c in layers[0]) / geometry.source_width
         raise FactorConvError(
@@ -148,15 +156,38 @@ def allocate_widths(
     tokens: torch.Tensor | None,
     device: torch.device,
     spectra: bool = True,
+    progress: bool = False,
 ) -> list[LayerPlan]:
     """Widths per layer; `spectra=False` skips reading the weights (uniform widths do not need them, only the
-    predicted errors `factorconv plan` prints do). Serving shapes (`mla`, `mqa`) are fixed, read no weights."""
+    predicted errors `factorconv plan` prints do). Serving shapes (`mla`, `mqa`) are fixed, read no weights.
+    Measured allocation runs a probing pass over the calibration tokens first (convert/sensitivity.py)."""
     geometry = Geometry.of(source.config)
     if options.serving_format is not None:
         widths = serving_widths(options, geometry.head_dim, geometry.source_width)
         return [LayerPlan(i, dict(widths), sum(widths.values()), None) for i in range(geometry.layers)]
+    if options.allocation == "measured":
+        return measured_plans(options, source, tokens, device, progress)
     layers, have_spectra = layer_components(options, source, tokens, device, spectra)
-    return plan_layers(options, Geometry.of(source.config), layers, have_spectra)
+    return plan_layers(options, geometry, layers, have_spectra)
+
+
+def measured_plans(
+    options: ConvertOptions, source: SourceCheckpoint, tokens: torch.Tensor, device: torch.device, progress: bool
+) -> list[LayerPlan]:
+    """Greedy widths on the spectra scaled by each layer's measured KL at the uniform widths."""
+    geometry = Geometry.of(source.config)
+    flat = [components(options.to, geometry, options.contextual, None, None)] * geometry.layers
+    uniform = plan_layers(options, geometry, flat, False)
+
+    def spectra(src: SourceAttention, moment: torch.Tensor) -> list[Component]:
+        return components(options.to, geometry, options.contextual, src, moment, options.query_aware)
+
+    probed = probe_layers(options, source, tokens, device, uniform, spectra, progress)
+    weighted = [weighted_components(p, u.widths) for p, u in zip(probed, uniform)]
+    plans = plan_layers(options, geometry, [p.components for p in probed], True, weighted)
+    for plan, probe in zip(plans, probed):
+        plan.probe_kl = probe.kl
+    return plans
 
 
 @dataclass
@@ -215,7 +246,7 @@ def make_plan(options: ConvertOptions) -> PlanReport:
     from .target import build_target_config, output_dtype
 
     device = resolve_device(options.device)
-    needs_weights = options.calib is not None or options.allocation == "greedy"
+    needs_weights = options.calib is not None or options.allocation != "uniform"
     folder = resolve_source(options.source, options.revision, weights=needs_weights)
     source = SourceCheckpoint(folder, require_weights=options.calib is not None)
     tokens = None
@@ -246,12 +277,14 @@ def format_plan(report: PlanReport) -> str:
     names = list(report.layers[0].widths)
     header = ["layer", *names, "cached/token"] + (
         [f"err {n}" for n in names] if report.layers[0].predicted_error is not None else []
-    )
+    ) + (["probe KL"] if report.layers[0].probe_kl is not None else [])
     rows = []
     for p in report.layers:
         row = [str(p.layer), *(str(p.widths[n]) for n in names), str(p.cache_width)]
         if p.predicted_error is not None:
             row += [f"{p.predicted_error[n]:.3f}" for n in names]
+        if p.probe_kl is not None:
+            row.append(f"{p.probe_kl:.4f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]

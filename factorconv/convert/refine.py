@@ -24,7 +24,7 @@ class RefineResult:
     error_after: float  # the same after refinement (equal to before when it did not help)
 
 
-def _attention_module(
+def attention_module(
     config: FactorConvConfig, layer: int, tensors: dict[str, torch.Tensor], device, rope_pairs: list[int] | None = None
 ) -> torch.nn.Module:
     config = copy.deepcopy(config)
@@ -63,7 +63,7 @@ def selection_error(
 ) -> float:
     """Relative attention-output error on the first fitting sequences (as many as are held out), for choosing
     between closed-form candidates without touching the held-out ones."""
-    module = _attention_module(config, layer, tensors, acts.inputs.device, rope_pairs)
+    module = attention_module(config, layer, tensors, acts.inputs.device, rope_pairs)
     return _relative_error(module, acts, slice(0, min(acts.held_out, acts.inputs.shape[0] - acts.held_out)))
 
 
@@ -111,7 +111,7 @@ def refine_layer(
     """Fit the layer's attention to the source's outputs (`steps` Adam steps; 0: least-squares o_proj);
     keep the result only if held-out error drops."""
     device = acts.inputs.device
-    module = _attention_module(config, layer, tensors, device)
+    module = attention_module(config, layer, tensors, device)
     total = acts.inputs.shape[0]
     fit, held_out = slice(0, total - acts.held_out), slice(total - acts.held_out, total)
     before = _relative_error(module, acts, held_out)

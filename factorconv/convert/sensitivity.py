@@ -1,0 +1,79 @@
+"""Measured allocation: spend a KV budget where the model's predictions feel the conversion error.
+
+On a 30-layer model the attention-output error a layer's conversion leaves does not predict what it costs in
+perplexity (benchmarks/results/layer_sensitivity_smollm2.md), so the spectra alone misplace width. This probe
+converts every layer at the uniform widths (closed forms, no refinement), carries each converted layer's output
+alone through the rest of the source, and measures KL(source ‖ source with that layer converted) on the held-out
+calibration sequences. Each layer's spectral gain curves are then scaled so that the predicted error energy at the
+uniform widths equals the measured KL, and the greedy allocation spends the budget on those scaled curves.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..factorize.allocate import Component
+from ..recipe import ConvertOptions
+from .calibrate import LayerwiseRunner
+from .layers import LayerStatistics, SourceAttention, convert_attention
+from .refine import attention_module
+from .source import SourceCheckpoint
+from .target import build_target_config
+
+
+@dataclass
+class LayerSensitivity:
+    layer: int
+    kl: float  # mean KL per token (nats) of the model with only this layer converted at the uniform widths
+    components: list[Component]  # the layer's spectral gain curves under its calibration statistics
+
+
+def probe_layers(
+    options: ConvertOptions,
+    source: SourceCheckpoint,
+    tokens: torch.Tensor,
+    device: torch.device,
+    uniform_plans: list,
+    layer_components,
+    progress: bool = True,
+) -> list[LayerSensitivity]:
+    """One pass over the source: per layer, convert at the uniform widths and measure the KL it causes alone."""
+    config = build_target_config(source, options, uniform_plans)
+    runner = LayerwiseRunner(source, tokens, device)
+    read = source.reader()
+    probe = slice(tokens.shape[0] - runner.held_out, tokens.shape[0])
+    streams: list[torch.Tensor] = []  # residual streams of the probe rows, one per converted layer so far
+    gains: list[list[Component]] = []
+    bar = tqdm(total=config.num_hidden_layers, desc="probing layers", unit="layer", disable=not progress)
+    for acts in runner:
+        moment = acts.moment()
+        stats = LayerStatistics(moment, options.query_aware, acts, options.init == "als")
+        result = convert_attention(read, acts.layer, config, device, stats)
+        module = attention_module(config, acts.layer, result.tensors, device, result.rope_pairs)
+        streams = [runner.apply_layer(stream) for stream in streams]
+        streams.append(runner.apply_layer(runner.layer_input[probe], attention=module))
+        gains.append(layer_components(SourceAttention(read, acts.layer, device), moment))
+        bar.update()
+    bar.close()
+    clean = runner.hidden[probe]
+    kls = [_mean_kl(runner, clean, stream) for stream in streams]
+    return [LayerSensitivity(layer, kl, c) for layer, (kl, c) in enumerate(zip(kls, gains))]
+
+
+def _mean_kl(runner: LayerwiseRunner, clean: torch.Tensor, perturbed: torch.Tensor) -> float:
+    total = 0.0
+    for reference, converted in zip(clean, perturbed):  # one sequence at a time: logits are T × vocab
+        p = runner.log_probs(reference)
+        total += float((p.exp() * (p - runner.log_probs(converted))).sum(-1).mean())
+    return total / clean.shape[0]
+
+
+def weighted_components(sensitivity: LayerSensitivity, uniform_widths: dict[str, int]) -> list[Component]:
+    """The layer's gain curves scaled so the error energy they predict at the uniform widths is the measured KL."""
+    energy = sum(c.predicted_error(uniform_widths[c.name] // c.units_per_value) ** 2 for c in sensitivity.components)
+    scale = max(sensitivity.kl, 1e-12) / max(energy, 1e-12)
+    return [
+        Component(c.name, [g * scale for g in c.gains], c.unit_width, c.units_per_value, c.minimum)
+        for c in sensitivity.components
+    ]
