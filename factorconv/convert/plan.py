@@ -7,13 +7,13 @@ import torch
 
 from ..errors import FactorConvError
 from ..factorize.common import cholesky_whitening, input_moment
-from ..factorize.allocate import Component, greedy_allocation, uniform_allocation
+from ..factorize.allocate import Component, greedy_allocation, level_allocation, uniform_allocation
 from ..factorize.mfa import key_gains, pair_moments, query_pair_energy, value_gains
 from ..factorize.tpa import head_mode_gains
 from ..recipe import ConvertOptions
 from .calibrate import LayerwiseRunner
 from .layers import SourceAttention
-from .sensitivity import probe_layers, weighted_components
+from .sensitivity import layer_levels, probe_layers
 from .source import SourceCheckpoint
 from .target import serving_widths
 
@@ -126,15 +126,12 @@ def plan_layers(
     geometry: Geometry,
     layers: list[list[Component]],
     have_spectra: bool,
-    weighted: list[list[Component]] | None = None,
 ) -> list[LayerPlan]:
-    """Allocate `options.kv_budget` over the layers' components (greedy needs real spectra); `weighted`: the
-    same components with measured-sensitivity gains, to allocate greedily on (errors are still predicted from
-    `layers`)."""
+    """Allocate `options.kv_budget` over the layers' components (greedy needs real spectra)."""
     budget = int(options.kv_budget * geometry.source_width * geometry.layers)
-    greedy = weighted is not None or (options.allocation == "greedy" and have_spectra)
+    allocate = greedy_allocation if options.allocation == "greedy" and have_spectra else uniform_allocation
     try:
-        widths = (greedy_allocation if greedy else uniform_allocation)(weighted or layers, budget)
+        widths = allocate(layers, budget)
     except ValueError as err:
         least = sum(c.minimum * c.unit_width for c in layers[0]) / geometry.source_width
         raise FactorConvError(
@@ -174,7 +171,7 @@ def allocate_widths(
 def measured_plans(
     options: ConvertOptions, source: SourceCheckpoint, tokens: torch.Tensor, device: torch.device, progress: bool
 ) -> list[LayerPlan]:
-    """Greedy widths on the spectra scaled by each layer's measured KL at the uniform widths."""
+    """Per-layer widths (multiples of the uniform ones) minimising the total KL predicted from each layer's probe."""
     geometry = Geometry.of(source.config)
     flat = [components(options.to, geometry, options.contextual, None, None)] * geometry.layers
     uniform = plan_layers(options, geometry, flat, False)
@@ -183,10 +180,15 @@ def measured_plans(
         return components(options.to, geometry, options.contextual, src, moment, options.query_aware)
 
     probed = probe_layers(options, source, tokens, device, uniform, spectra, progress)
-    weighted = [weighted_components(p, u.widths) for p, u in zip(probed, uniform)]
-    plans = plan_layers(options, geometry, [p.components for p in probed], True, weighted)
-    for plan, probe in zip(plans, probed):
-        plan.probe_kl = probe.kl
+    levels = [layer_levels(p, u.widths) for p, u in zip(probed, uniform)]
+    budget = sum(u.cache_width for u in uniform)
+    choice = level_allocation([[(width, kl) for _, width, kl in layer] for layer in levels], budget)
+    plans = []
+    for index, (probe, layer, pick) in enumerate(zip(probed, levels, choice)):
+        widths, width, _ = layer[pick]
+        units = {c.name: widths[c.name] // c.units_per_value for c in probe.components}
+        errors = {c.name: c.predicted_error(units[c.name]) for c in probe.components}
+        plans.append(LayerPlan(index, widths, width, errors, probe.kl))
     return plans
 
 

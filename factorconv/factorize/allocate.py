@@ -73,3 +73,28 @@ def uniform_allocation(layers: list[list[Component]], budget_width: int) -> list
                              f"{sum(c.minimum * c.unit_width for c in components)}")
         plans.append({c.name: c.value(n) for c, n in zip(components, counts)})
     return plans
+
+
+def level_allocation(levels: list[list[tuple[int, float]]], budget_width: int) -> list[int]:
+    """Per layer, the index of one of its (width, cost) levels (ascending width, falling cost) minimising the
+    total cost with total width ≤ budget_width: greedy on the best cost drop per extra width, from the narrowest."""
+    choice = [0] * len(levels)
+    remaining = budget_width - sum(layer[0][0] for layer in levels)
+    if remaining < 0:
+        raise ValueError(f"the budget allows {budget_width} cached numbers per token, the minimum is "
+                         f"{budget_width - remaining}")
+    while True:
+        best: tuple[float, int, int] | None = None
+        for li, layer in enumerate(levels):
+            width, cost = layer[choice[li]]
+            for nxt in range(choice[li] + 1, len(layer)):  # the best rate over any later level (curves need not be convex)
+                extra = layer[nxt][0] - width
+                if 0 < extra <= remaining:
+                    rate = (cost - layer[nxt][1]) / extra
+                    if rate > 0 and (best is None or rate > best[0]):
+                        best = (rate, li, nxt)
+        if best is None:
+            return choice
+        _, li, nxt = best
+        remaining -= levels[li][nxt][0] - levels[li][choice[li]][0]
+        choice[li] = nxt
