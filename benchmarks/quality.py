@@ -116,6 +116,8 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Pa
                         options["refine_steps"] = args.refine_steps
                     if not options.get("mqa"):
                         options["kv_budget"] = budget
+                    if args.allocation and "calib" in options and not (options.get("mla") or options.get("mqa")):
+                        options["allocation"] = args.allocation  # serving shapes are the same in every layer
                     try:
                         model, seconds = convert_and_load(spec["folder"], Path(tmp) / "out", to=target, **options)
                     except FactorConvError as err:
@@ -131,7 +133,7 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Pa
     steps = args.refine_steps if args.refine_steps is not None else sized.layer_refine_steps
     print(f"\n### {name}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
           f"calibration {spec['calib'].name} ({shape[0]} x {shape[1]} tokens), "
-          f"refinement {steps} steps/layer; fp32; {machine()}\n")
+          f"refinement {steps} steps/layer, allocation {args.allocation or sized.allocation}; fp32; {machine()}\n")
     print("| budget | method | KV bytes/token | perplexity | ratio | convert s |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
@@ -148,6 +150,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, help="default: the library's")
     parser.add_argument("--calib-seq-len", type=int, help="default: the library's")
     parser.add_argument("--refine-steps", type=int, help="default: the library's")
+    parser.add_argument("--allocation", choices=["uniform", "greedy", "measured"],
+                        help="for calibrated conversions with a budget (default: the library's)")
     parser.add_argument("--targets", nargs="+", choices=["tpa", "mfa", "mfa_kr"], default=["tpa", "mfa", "mfa_kr"])
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the SmolLM2-135M-Instruct folder build_smollm2.py wrote")
     args = parser.parse_args()

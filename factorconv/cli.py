@@ -99,7 +99,9 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option("--mla-shape", help="With --mla: kv_lora_rank+qk_rope_head_dim, e.g. 512+64 or 256+64.")
 @click.option("--mqa", is_flag=True, help="MFA built to export as a Llama with one KV head.")
 @click.option("--kv-budget", type=float, help="Fraction of the source's KV bytes; per-layer widths are allocated.")
-@click.option("--allocation", type=click.Choice(["uniform", "greedy", "measured"]), default="uniform", show_default=True)
+@click.option("--allocation", type=click.Choice(["auto", "uniform", "greedy", "measured"]),
+              help="How --kv-budget is spread over layers; auto: measured with --calib (probes each layer's cost), "
+              "else uniform.")
 @click.option("--calib", help="Calibration data: .txt, .jsonl, .npy or a datasets name.")
 @click.option("--calib-samples", type=int, help="Calibration sequences (default 64).")
 @click.option("--calib-seq-len", type=int, help="Tokens per calibration sequence (default: the context, at most 512).")
@@ -134,7 +136,9 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
 @click.argument("source")
 @click.option("--to", "target", type=click.Choice(["tpa", "mfa", "mfa-kr"]), default="mfa", show_default=True)
 @click.option("--kv-budget", type=float, required=True, help="Fraction of the source's KV bytes per token.")
-@click.option("--allocation", type=click.Choice(["uniform", "greedy", "measured"]), default="uniform", show_default=True)
+@click.option("--allocation", type=click.Choice(["auto", "uniform", "greedy", "measured"]),
+              help="How --kv-budget is spread over layers; auto: measured with --calib (probes each layer's cost), "
+              "else uniform.")
 @click.option("--contextual", is_flag=True, help="TPA: contextual head factors (cache D + heads per rank).")
 @click.option("--calib", help="Calibration data for statistics-based spectra (optional).")
 @click.option("--calib-samples", type=int, help="Calibration sequences (default 64).")

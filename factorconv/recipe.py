@@ -68,11 +68,12 @@ class ConvertOptions(BaseModel):
     kv_budget: float | None = Field(
         default=None, gt=0, le=1, description="fraction of the source's KV bytes per token; ranks/dims are allocated"
     )
-    allocation: Literal["uniform", "greedy", "measured"] = Field(
-        default="uniform",
-        description="with kv_budget: the same widths in every layer; greedy water-filling on the spectra "
-        "(greedy removes more predicted error but measured worse zero-shot on stories260K); or measured: "
-        "greedy on the spectra scaled by each layer's KL when converted alone (needs calib; one extra pass)",
+    allocation: Literal["auto", "uniform", "greedy", "measured"] = Field(
+        default="auto",
+        description="with kv_budget: measured (probe each layer's KL when converted alone at uniform widths, then "
+        "give width where it costs most; needs calib, one extra pass), uniform (the same widths in every layer) or "
+        "greedy (water-filling on the spectra; measured worse zero-shot); auto: measured with calib, else uniform "
+        "(benchmarks/results/allocation_*.md)",
     )
     calib: str | None = Field(default=None, description="calibration data: .txt, .jsonl, .npy or a datasets name")
     calib_samples: int = Field(default=64, ge=2, description="calibration sequences (10% are held out)")
@@ -116,7 +117,7 @@ class ConvertOptions(BaseModel):
             if widths:
                 raise ValueError(f"{flag} sets the widths itself; drop {', '.join(widths)}"
                                  + (" (give the shape as mla_shape N+R)" if self.mla else ""))
-            if self.allocation != "uniform":
+            if self.allocation not in ("auto", "uniform"):
                 raise ValueError(f"{flag} needs the same widths in every layer: drop allocation {self.allocation}")
         if self.mla and (self.mla_shape is None) == (self.kv_budget is None):
             raise ValueError("mla needs its shape: pass mla_shape (e.g. 256+64) or kv_budget, not both")
@@ -126,6 +127,9 @@ class ConvertOptions(BaseModel):
             raise ValueError("init 'query-aware' weights MFA's key merge: use it with --to mfa")
         if self.init == "als" and not (self.to == "tpa" and self.contextual):
             raise ValueError("init 'als' fits contextual TPA factors: use it with --to tpa --contextual")
+        if self.allocation == "auto":  # resolved here, so what is saved with the output says what ran
+            fixed = self.mla or self.mqa or self.kv_budget is None or self.calib is None
+            self.allocation = "uniform" if fixed else "measured"
         if self.allocation == "measured" and (self.calib is None or self.kv_budget is None):
             raise ValueError("allocation 'measured' spreads a kv_budget by layer sensitivity measured on calibration "
                              "data: pass kv_budget and calib")

@@ -247,8 +247,10 @@ def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
     torch.testing.assert_close(module.o_proj.weight, true_weight, atol=1e-4, rtol=1e-3)
 
 
-def test_uniform_budget_needs_no_calibration_pass_for_widths(source_dirs, tmp_path, monkeypatch):
-    """Uniform widths do not depend on spectra, so conversion runs the source over the calibration tokens once."""
+@pytest.mark.parametrize("allocation, expected", [("uniform", 1), (None, 2), ("measured", 2)])
+def test_calibration_passes_per_allocation(allocation, expected, source_dirs, tmp_path, monkeypatch):
+    """Uniform widths do not depend on spectra, so conversion runs the source over the calibration tokens once;
+    measured allocation (the default with calibration) probes first, so twice."""
     calib = _tokens_file(tmp_path, seq=16, count=8)
     passes = []
     original = LayerwiseRunner.__iter__
@@ -258,12 +260,12 @@ def test_uniform_budget_needs_no_calibration_pass_for_widths(source_dirs, tmp_pa
         return original(self)
 
     monkeypatch.setattr(LayerwiseRunner, "__iter__", counting)
-    convert(
-        ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to="mfa", kv_budget=0.5,
-                       calib=str(calib), calib_samples=8, calib_seq_len=16, refine_steps=0),
-        progress=False,
-    )
-    assert len(passes) == 1
+    chosen = {} if allocation is None else {"allocation": allocation}
+    options = ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to="mfa", kv_budget=0.5,
+                             calib=str(calib), calib_samples=8, calib_seq_len=16, refine_steps=0, **chosen)
+    assert options.allocation == (allocation or "measured")
+    convert(options, progress=False)
+    assert len(passes) == expected
 
 
 @pytest.mark.parametrize("target", ["tpa", "mfa", "mfa_kr"])

@@ -11,6 +11,7 @@ from factorconv.convert.calibrate import _AsSourceAttention
 from factorconv.convert.plan import Geometry, components, plan_layers
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
+from factorconv.factorize.allocate import Component, level_allocation
 from factorconv.recipe import ConvertOptions
 
 
@@ -94,3 +95,25 @@ def test_plan_prints_the_probed_kl(source_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.lstrip().startswith("layer"))
     assert header.rstrip().endswith("probe KL")
+
+
+def test_level_allocation_spends_the_budget_where_cost_drops_most():
+    steep = [(1, 10.0), (2, 4.0), (3, 3.5)]
+    flat = [(1, 1.0), (2, 0.9), (3, 0.85)]
+    assert level_allocation([steep, flat], 3) == [1, 0]
+    assert level_allocation([steep, flat], 5) == [2, 1]  # the steep layer's next 0.5 first, then the flat one's 0.1
+    assert level_allocation([steep, flat], 6) == [2, 2]
+    with pytest.raises(ValueError, match="minimum is 2"):
+        level_allocation([steep, flat], 1)
+
+
+def test_the_layer_that_costs_more_gets_more_width():
+    gains = [0.4, 0.3, 0.2, 0.1]
+    parts = [Component("key_dim", gains, 2, units_per_value=2), Component("value_dim", gains, 1)]
+    uniform = {"key_dim": 4, "value_dim": 2}  # 2 pairs + 2 value dims: 6 numbers per token
+    quiet, loud = (sensitivity.LayerSensitivity(i, kl, parts) for i, kl in enumerate((0.01, 0.1)))
+    levels = [sensitivity.layer_levels(s, uniform) for s in (quiet, loud)]
+    choice = level_allocation([[(w, kl) for _, w, kl in layer] for layer in levels], 12)
+    (quiet_widths, quiet_width, _), (loud_widths, loud_width, _) = (layer[c] for layer, c in zip(levels, choice))
+    assert loud_width > 6 > quiet_width and quiet_width + loud_width <= 12
+    assert loud_widths["key_dim"] // 2 == loud_widths["value_dim"]  # the uniform key/value proportions are kept
