@@ -22,6 +22,11 @@ from .source import SourceCheckpoint
 from .target import build_target_config
 
 
+# At most this many held-out tokens are probed: one residual stream per layer is kept for them (8B shapes: 32
+# streams × 16K tokens × 4,096 × 4 bytes = 8.6 GB), and KL on a few thousand paired tokens already ranks layers.
+PROBE_TOKENS = 16384
+
+
 @dataclass
 class LayerSensitivity:
     layer: int
@@ -42,7 +47,8 @@ def probe_layers(
     config = build_target_config(source, options, uniform_plans)
     runner = LayerwiseRunner(source, tokens, device)
     read = source.reader()
-    probe = slice(tokens.shape[0] - runner.held_out, tokens.shape[0])
+    rows = min(runner.held_out, max(1, PROBE_TOKENS // tokens.shape[1]))
+    probe = slice(tokens.shape[0] - rows, tokens.shape[0])
     streams: list[torch.Tensor] = []  # residual streams of the probe rows, one per converted layer so far
     gains: list[list[Component]] = []
     bar = tqdm(total=config.num_hidden_layers, desc="probing layers", unit="layer", disable=not progress)
