@@ -1,5 +1,8 @@
 """Measured allocation (`allocation: measured`): the per-layer KL probe and the widths it allocates."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -62,8 +65,8 @@ def test_probe_of_an_exact_conversion_measures_nothing(source_dirs, tmp_path, mo
 
 
 def test_measured_allocation_meets_the_budget_and_differs_from_uniform(source_dirs, tmp_path, load_model):
-    calib = tmp_path / "calib.txt"
-    calib.write_text(" ".join(f"word{i % 37} token{i % 11}" for i in range(4000)))
+    calib = tmp_path / "calib.npy"
+    np.save(calib, random_ids(1, 32 * 16, seed=5)[0].numpy().astype(np.uint16))
     budget = 0.5
     options = dict(source=str(source_dirs["llama_gqa"]), to="mfa_kr", kv_budget=budget, calib=str(calib),
                    calib_samples=16, calib_seq_len=32, refine_steps=0)
@@ -72,6 +75,8 @@ def test_measured_allocation_meets_the_budget_and_differs_from_uniform(source_di
     assert analytic_kv_bytes_per_token(model.config, 4) <= budget * analytic_kv_bytes_per_token(source.config, 4)
     widths = [r + n for r, n in zip(model.config.rope_dim, model.config.nope_dim)]
     assert len(set(widths)) > 1  # layers of different sensitivity get different widths
+    report = json.loads((measured / "factorconv_report.json").read_text())["layers"]
+    assert all(layer["probe_kl"] > 0 for layer in report), report
 
 
 def test_measured_allocation_needs_calibration_and_a_budget(source_dirs, tmp_path):

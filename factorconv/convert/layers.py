@@ -37,6 +37,7 @@ class LayerReport:
     query_error: float | None = None
     attention_error: float | None = None  # relative attention-output error on held-out calibration tokens
     refined_attention_error: float | None = None  # the same after local refinement
+    probe_kl: float | None = None  # measured allocation: KL with this layer alone converted at uniform widths
 
 
 @dataclass

@@ -68,6 +68,8 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                     result.tensors = refined.tensors
                     result.report.attention_error = refined.error_before
                     result.report.refined_attention_error = refined.error_after
+                if plans is not None:
+                    result.report.probe_kl = plans[layer].probe_kl
                 reports.append(result.report)
                 bar.update()
                 if result.report.attention_error is not None:
