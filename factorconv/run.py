@@ -107,8 +107,6 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
             greedy = options.allocation == "greedy" and source.has_weights
             if options.allocation == "greedy" and not source.has_weights:
                 notes.append("greedy allocation reads the weights: the conversion may spread widths unevenly")
-            if options.allocation == "measured":
-                notes.append("measured allocation probes the calibration data: the conversion spreads widths unevenly")
             if options.calib is not None:
                 notes.append("planned without the calibration pass, which only the conversion runs")
             offline = {"source": str(folder), "revision": None, "calib": None, "device": "cpu"}
@@ -116,7 +114,10 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
             widths = [dict(layer.widths) for layer in report.layers]
             kv_source, kv_target = report.source_kv_bytes, report.target_kv_bytes
             params_source, params_target = report.source_parameters, report.target_parameters
-            allocation = f"kv_budget {options.kv_budget:g}, " + ("greedy over the weights' spectra" if greedy else "uniform")
+            spread = "greedy over the weights' spectra" if greedy else "uniform"
+            if options.allocation == "measured":
+                spread = "uniform here; the conversion measures each layer and moves width between them"
+            allocation = f"kv_budget {options.kv_budget:g}, {spread}"
         else:
             config = build_target_config(source, options)
             names = {"tpa": ("rank_k", "rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}
