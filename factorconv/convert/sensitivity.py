@@ -4,10 +4,12 @@ On a 30-layer model the attention-output error a layer's conversion leaves does 
 perplexity (benchmarks/results/layer_sensitivity_smollm2.md), so the spectra alone misplace width. This probe
 converts every layer at the uniform widths (closed forms, no refinement), carries each converted layer's output
 alone through the rest of the source, and measures KL(source ‖ source with that layer converted) on the held-out
-calibration sequences. Each layer's spectral gain curves are then scaled so that the predicted error energy at the
-uniform widths equals the measured KL, and the greedy allocation spends the budget on those scaled curves.
+calibration sequences. Each layer then picks a width level (a multiple of its uniform widths): its spectral error
+energy at that level, scaled so that at the uniform widths it equals the measured KL, predicts the KL there, and
+`level_allocation` minimises the sum within the same total bytes.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,7 @@ def probe_layers(
     tokens: torch.Tensor,
     device: torch.device,
     uniform_plans: list,
-    layer_components,
+    layer_components: Callable[[SourceAttention, torch.Tensor], list[Component]],
     progress: bool = True,
 ) -> list[LayerSensitivity]:
     """One pass over the source: per layer, convert at the uniform widths and measure the KL it causes alone."""
