@@ -103,8 +103,11 @@ class LayerActivations:
 class LayerwiseRunner:
     """Iterates the source's decoder layers over calibration tokens, loading one layer's weights at a time."""
 
-    def __init__(self, source: SourceCheckpoint, tokens: torch.Tensor, device: torch.device, batch_size: int = 8):
-        self.source, self.device, self.batch_size = source, device, batch_size
+    def __init__(
+        self, source: SourceCheckpoint, tokens: torch.Tensor, device: torch.device, batch_size: int = 8,
+        keep_layer_input: bool = False,
+    ):
+        self.source, self.device, self.batch_size, self.keep_layer_input = source, device, batch_size, keep_layer_input
         config = copy.deepcopy(source.config)
         config._attn_implementation = "sdpa"  # causal via is_causal: no (T × T) mask in memory
         self.config = config
@@ -116,7 +119,8 @@ class LayerwiseRunner:
         self.position_ids = torch.arange(tokens.shape[1], device=device)[None]
         self.position_embeddings = rotary(self.hidden[:1], self.position_ids)
         self.held_out = max(1, tokens.shape[0] // 10)
-        self.layer_input: torch.Tensor | None = None  # (N, T, d): the residual stream entering the layer last yielded
+        # with keep_layer_input, (N, T, d): the residual stream entering the layer last yielded (one more copy alive)
+        self.layer_input: torch.Tensor | None = None
         self._current = -1
         self._head: tuple[torch.nn.Module, torch.Tensor] | None = None  # final norm and output embedding, on demand
 
@@ -176,7 +180,7 @@ class LayerwiseRunner:
                 captured.append((kwargs.get("hidden_states", args[0] if args else None), output[0]))
 
             handle = layer.self_attn.register_forward_hook(capture, with_kwargs=True)
-            self.layer_input = self.hidden
+            self.layer_input = self.hidden if self.keep_layer_input else None
             self.hidden = self._run(layer, self.hidden)
             handle.remove()
             yield LayerActivations(

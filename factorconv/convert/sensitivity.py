@@ -47,7 +47,7 @@ def probe_layers(
 ) -> list[LayerSensitivity]:
     """One pass over the source: per layer, convert at the uniform widths and measure the KL it causes alone."""
     config = build_target_config(source, options, uniform_plans)
-    runner = LayerwiseRunner(source, tokens, device)
+    runner = LayerwiseRunner(source, tokens, device, keep_layer_input=True)
     read = source.reader()
     rows = min(runner.held_out, max(1, PROBE_TOKENS // tokens.shape[1]))
     probe = slice(tokens.shape[0] - rows, tokens.shape[0])
