@@ -20,20 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import convert_and_load, machine, text_slice
+from factorconv.convert.calibrate import AsSourceAttention
 from factorconv.evaluate.data import load_tokens
 from factorconv.evaluate.perplexity import perplexity
 from quality import MODELS, SMOLLM2, model_spec
-
-
-class _Alone(torch.nn.Module):
-    """A converted attention layer with the source layer's call signature."""
-
-    def __init__(self, attention: torch.nn.Module) -> None:
-        super().__init__()
-        self.attention = attention
-
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **_) -> tuple:
-        return self.attention(hidden_states, position_embeddings=position_embeddings)[0], None
 
 
 def main() -> None:
@@ -63,7 +53,7 @@ def main() -> None:
     rows = []
     for layer, entry in enumerate(report):
         original = source.model.layers[layer].self_attn
-        source.model.layers[layer].self_attn = _Alone(model.model.layers[layer].self_attn)
+        source.model.layers[layer].self_attn = AsSourceAttention(model.model.layers[layer].self_attn)
         rows.append((layer, entry["attention_error"], entry["refined_attention_error"],
                      perplexity(source, probe, seq_len, progress=False) / base))
         source.model.layers[layer].self_attn = original

@@ -10,7 +10,7 @@ from conftest import random_ids
 
 from factorconv.cli import main
 from factorconv.convert import convert, sensitivity
-from factorconv.convert.calibrate import _AsSourceAttention
+from factorconv.convert.calibrate import AsSourceAttention
 from factorconv.convert.plan import Geometry, components, plan_layers
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
@@ -48,7 +48,7 @@ def test_probe_kl_is_the_kl_of_the_model_with_that_layer_converted(to, source_di
     assert len(probed) == len(built) == model.config.num_hidden_layers
     for layer, (probe, module) in enumerate(zip(probed, built)):
         original = model.model.layers[layer].self_attn
-        model.model.layers[layer].self_attn = _AsSourceAttention(module)
+        model.model.layers[layer].self_attn = AsSourceAttention(module)
         try:
             with torch.no_grad():
                 converted = torch.log_softmax(model(held_out).logits, dim=-1)

@@ -151,7 +151,7 @@ class LayerwiseRunner:
         layer = self.skeleton.model.layers[self._current]
         if attention is None:
             return self._run(layer, hidden)
-        source_attention, layer.self_attn = layer.self_attn, _AsSourceAttention(attention)
+        source_attention, layer.self_attn = layer.self_attn, AsSourceAttention(attention)
         try:
             return self._run(layer, hidden)
         finally:
@@ -194,7 +194,7 @@ class LayerwiseRunner:
             self.skeleton.model.layers[index] = layer.to("meta")  # free this layer's weights
 
 
-class _AsSourceAttention(torch.nn.Module):
+class AsSourceAttention(torch.nn.Module):
     """A factorconv attention module behind the source decoder layer's attention call (no cache, no mask: causal)."""
 
     def __init__(self, attention: torch.nn.Module) -> None:

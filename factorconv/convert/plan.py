@@ -122,10 +122,7 @@ def layer_components(
 
 
 def plan_layers(
-    options: ConvertOptions,
-    geometry: Geometry,
-    layers: list[list[Component]],
-    have_spectra: bool,
+    options: ConvertOptions, geometry: Geometry, layers: list[list[Component]], have_spectra: bool
 ) -> list[LayerPlan]:
     """Allocate `options.kv_budget` over the layers' components (greedy needs real spectra)."""
     budget = int(options.kv_budget * geometry.source_width * geometry.layers)
