@@ -51,8 +51,10 @@ def copy_tokenizer_files(folder: Path, source_folder: Path) -> None:
 
 
 def write_artifacts(
-    folder: Path, source_folder: Path, config: FactorConvConfig, options: ConvertOptions, reports: list[LayerReport]
+    folder: Path, source_folder: Path, config: FactorConvConfig, options: ConvertOptions, reports: list[LayerReport],
+    seconds: dict[str, float],
 ) -> None:
+    """`seconds`: wall time per conversion stage, kept in the report so users see what each option costs."""
     config.save_pretrained(folder)
     copy_modeling_files(folder)
     copy_tokenizer_files(folder, source_folder)
@@ -65,6 +67,7 @@ def write_artifacts(
             "source": source_kv_bytes_per_token(config, size),
             "converted": target_kv_bytes_per_token(config, size),
         },
+        "seconds": {stage: round(value, 1) for stage, value in seconds.items()},
         "layers": [asdict(r) for r in reports],
     }
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """convert(): source checkpoint -> factorized output folder, one layer's attention in memory at a time."""
 
 import logging
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -34,6 +35,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     max_shard = parse_size(options.max_shard_size)
     source = SourceCheckpoint(resolve_source(options.source, options.revision))
     source.check_complete()
+    start = time.perf_counter()
     tokens = None
     if options.calib is not None:
         tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len, source.config)
@@ -42,6 +44,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
         spread = options.allocation != "uniform"
         plans = allocate_widths(options, source, tokens if spread else None, device, spectra=spread, progress=progress)
     config = build_target_config(source, options, plans)
+    seconds = {"calibration data and allocation": time.perf_counter() - start, "refinement": 0.0}
     dtype = output_dtype(options, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None
 
@@ -64,10 +67,12 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                 if result.rope_pairs is not None:
                     config.rope_pair_index[layer] = result.rope_pairs
                 if acts is not None:
+                    refine_start = time.perf_counter()
                     refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
                     result.tensors = refined.tensors
                     result.report.attention_error = refined.error_before
                     result.report.refined_attention_error = refined.error_after
+                    seconds["refinement"] += time.perf_counter() - refine_start
                 if plans is not None:
                     result.report.probe_kl = plans[layer].probe_kl
                 reports.append(result.report)
@@ -84,6 +89,9 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
             )
         bar.close()
         writer.close()
-        write_artifacts(staging, source.folder, config, options, reports)
+        seconds["total"] = time.perf_counter() - start
+        seconds["layers besides refinement"] = seconds["total"] - seconds["refinement"] - seconds[
+            "calibration data and allocation"]
+        write_artifacts(staging, source.folder, config, options, reports, seconds)
     logger.info("wrote %s", output)
     return output
