@@ -175,6 +175,10 @@ def test_calibrated_conversion_meets_budget_and_refines(target, source_dirs, tmp
     # Refinement keeps its result only when the held-out error drops (refine.py), so what is worth checking is
     # that it did drop somewhere.
     assert any(layer["refined_attention_error"] < layer["attention_error"] for layer in report["layers"])
+    # The stage times say where the time went: 60 Adam steps per layer take measurable time.
+    stages = report["seconds"]
+    assert stages["refinement"] > 0 and stages["calibration data and allocation"] > 0
+    assert stages["total"] >= max(stages["refinement"], stages["calibration data and allocation"])
 
 
 def test_calibrated_full_width_is_still_exact(source_dirs, source_model, tmp_path, load_model):

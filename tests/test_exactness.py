@@ -44,8 +44,7 @@ def test_full_rank_reproduces_source_logits(name, variant, source_model, convert
     # ... and the report says the projections are exact.
     report = json.loads((out / REPORT_FILE).read_text())
     assert len(report["layers"]) == source.config.num_hidden_layers
-    stages = report["seconds"]
-    assert stages["total"] >= stages["refinement"] + stages["layers besides refinement"] - 0.2 >= -0.2
+    assert report["seconds"]["refinement"] == 0.0  # weight-only: nothing to refine
     for layer in report["layers"]:
         assert layer["key_error"] < 1e-6 and layer["value_error"] < 1e-6
         if "rank_q" in VARIANTS[variant](source.config):

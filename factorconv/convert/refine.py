@@ -116,8 +116,7 @@ def refine_layer(
     seed: int = 0,
 ) -> RefineResult:
     """Fit the layer's attention to the source's outputs (`steps` Adam steps of relative size `lr`; 0:
-    least-squares o_proj);
-    keep the result only if held-out error drops."""
+    least-squares o_proj); keep the result only if held-out error drops."""
     device = acts.inputs.device
     module = attention_module(config, layer, tensors, device)
     total = acts.inputs.shape[0]
