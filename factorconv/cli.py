@@ -113,9 +113,12 @@ def main(ctx: click.Context, quiet: bool) -> None:
 )
 @click.option(
     "--refine-steps", type=int,
-    help="Adam steps per layer fitting attention outputs (default 200 with --calib; 0: only a least-squares refit "
-    "of the output projection).",
+    help="Adam steps per layer fitting attention outputs (default with --calib: 200, up to 400 at --kv-budget 0.25 "
+    "and below; 0: only a least-squares refit of the output projection).",
 )
+@click.option("--refine-lr", type=float, help="Adam's peak step as a fraction of each tensor's RMS (default 0.02).")
+@click.option("--refine-schedule", type=click.Choice(["warmup-cosine", "constant"]),
+              help="Step size over the refinement steps (default warmup-cosine: 10% warm-up, cosine decay to 10%).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the factorization: cpu, cuda, auto.")

@@ -87,8 +87,18 @@ class ConvertOptions(BaseModel):
         "(auto: stats when calib is given)",
     )
     refine_steps: int | None = Field(
-        default=None, ge=0, description="Adam steps per layer fitting attention outputs (default 200 with calib; 0: least-squares "
-        "refit of the output projection only)"
+        default=None, ge=0, description="Adam steps per layer fitting attention outputs (default with calib: 200, "
+        "400 at kv_budget 0.25 or below, in between 100 / kv_budget; 0: least-squares refit of the output projection "
+        "only)"
+    )
+    refine_lr: float = Field(
+        default=0.02, gt=0, le=1,
+        description="Adam's peak step as a fraction of each tensor's RMS (benchmarks/results/refine_schedule_*.md)",
+    )
+    refine_schedule: Literal["warmup-cosine", "constant"] = Field(
+        default="warmup-cosine",
+        description="refinement step size over the steps: linear warm-up over the first 10% then cosine decay to "
+        "10% of refine_lr, or constant",
     )
     dtype: DType = "auto"
     max_shard_size: str = "2GB"
@@ -154,7 +164,10 @@ class ConvertOptions(BaseModel):
     def layer_refine_steps(self) -> int:
         if self.refine_steps is not None:
             return self.refine_steps
-        return 200 if self.calib is not None else 0
+        if self.calib is None:
+            return 0
+        # Lower budgets start farther from the source and keep improving longer (refine_schedule_smollm2.md).
+        return round(200 * min(2.0, max(1.0, 0.5 / self.kv_budget))) if self.kv_budget is not None else 200
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({"convert": self.model_dump(mode="json")}, sort_keys=False)

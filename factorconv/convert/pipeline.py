@@ -68,7 +68,10 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                     config.rope_pair_index[layer] = result.rope_pairs
                 if acts is not None:
                     refine_start = time.perf_counter()
-                    refined = refine_layer(config, layer, result.tensors, acts, options.layer_refine_steps)
+                    refined = refine_layer(
+                        config, layer, result.tensors, acts, options.layer_refine_steps, options.refine_lr,
+                        schedule=options.refine_schedule,
+                    )
                     result.tensors = refined.tensors
                     result.report.attention_error = refined.error_before
                     result.report.refined_attention_error = refined.error_after
