@@ -1,6 +1,7 @@
 """Does a converted chat model still answer like its source? Greedy answers to the same chat prompts, side by side.
 
     python benchmarks/chat_check.py [--smollm2 DIR] [--to mfa_kr] [--kv-budget 0.5 0.25] [--allocation uniform]
+    python benchmarks/chat_check.py --converted OUT [OUT ...]   # folders converted already (e.g. convert_real.py --out)
 
 Converts SmolLM2-135M-Instruct with the library's defaults (calibration: the first 600,000 bytes of WikiText-2
 test, as benchmarks/quality.py), then asks the source and each conversion every prompt through the tokenizer's
@@ -45,15 +46,19 @@ def main() -> None:
     parser.add_argument("--allocation", default="uniform")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--converted", type=Path, nargs="+", help="answer with these converted folders instead")
     args = parser.parse_args()
     spec = model_spec("SmolLM2-135M", args.smollm2)
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
     source = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval().to(args.device)
     columns = {"source": [answer(source, tokenizer, p, args.max_new_tokens) for p in PROMPTS]}
     seconds = {}
+    for folder in args.converted or []:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(args.device)
+        columns[folder.name] = [answer(model, tokenizer, p, args.max_new_tokens) for p in PROMPTS]
     with tempfile.TemporaryDirectory() as tmp:
         calib = text_slice(spec["calib"], Path(tmp))
-        for budget in args.kv_budget:
+        for budget in [] if args.converted else args.kv_budget:
             name = f"{args.to} {budget:.0%}"
             print(f"converting {name}", file=sys.stderr, flush=True)
             model, seconds[name] = convert_and_load(spec["folder"], Path(tmp) / "out", to=args.to, kv_budget=budget,
@@ -62,7 +67,8 @@ def main() -> None:
             columns[name] = [answer(model, tokenizer, p, args.max_new_tokens) for p in PROMPTS]
             seconds[name] += time.perf_counter() - start
     print(f"### SmolLM2-135M-Instruct, greedy chat answers ({args.max_new_tokens} new tokens at most), "
-          f"{args.to} with the default calibrated conversion, allocation {args.allocation}; {machine()}\n")
+          (f"{', '.join(str(f) for f in args.converted)} as converted" if args.converted else
+             f"{args.to} with the default calibrated conversion, allocation {args.allocation}") + f"; {machine()}\n")
     print("| prompt | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for i, prompt in enumerate(PROMPTS):

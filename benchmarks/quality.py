@@ -130,12 +130,14 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Pa
                         assert width == int(budget * 2 * kv_heads * model.config.head_dim)
                     rows.append({"budget": budget, **measure(method, model, tokens, spec["seq_len"], base, seconds)})
                     print(f"{name} {budget:.1%} {method}: ratio {rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
-    steps = args.refine_steps if args.refine_steps is not None else sized.layer_refine_steps
     budgeted = ConvertOptions(source=str(spec["folder"]), output=Path("-"), kv_budget=0.5, **calib)
+    steps = args.refine_steps if args.refine_steps is not None else ", ".join(
+        f"{b:.1%}: {budgeted.model_copy(update={'kv_budget': b}).layer_refine_steps}"
+        for b in spec.get("budgets", BUDGETS))
     allocation = args.allocation or budgeted.allocation  # what the default resolves to with a budget
     print(f"\n### {name}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
           f"calibration {spec['calib'].name} ({shape[0]} x {shape[1]} tokens), "
-          f"refinement {steps} steps/layer, allocation {allocation} (--mla/--mqa: uniform); fp32; {machine()}\n")
+          f"refinement steps/layer {steps}, allocation {allocation} (--mla/--mqa: uniform); fp32; {machine()}\n")
     print("| budget | method | KV bytes/token | perplexity | ratio | convert s |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:

@@ -178,6 +178,7 @@ def test_calibrated_conversion_meets_budget_and_refines(target, source_dirs, tmp
     # The stage times say where the time went: 60 Adam steps per layer take measurable time.
     stages = report["seconds"]
     assert stages["refinement"] > 0 and stages["calibration data and allocation"] > 0
+    assert report["refine_steps"] == 60
     assert stages["total"] >= max(stages["refinement"], stages["calibration data and allocation"])
 
 
@@ -223,13 +224,9 @@ def test_plan_from_config_alone(source_dirs, tmp_path):
     assert result.exit_code != 0 and "too small for tpa" in result.output
 
 
-def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
-    """o_proj is linear in what it reads: from a scrambled o_proj, the least-squares refit finds the one that
-    produced the targets (up to the ridge), so the layer's output error drops to ~0."""
-    out = convert(
-        ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to="mfa", kv_budget=0.5),
-        progress=False,
-    )
+def _converted_layer_zero(source: str, tmp_path):
+    """An MFA conversion's layer-0 attention as refine builds it, random inputs and that layer's own outputs."""
+    out = convert(ConvertOptions(source=source, output=tmp_path / "out", to="mfa", kv_budget=0.5), progress=False)
     config = FactorConvConfig.from_pretrained(out)
     prefix = "model.layers.0.self_attn."
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -237,10 +234,18 @@ def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
     module = refine.attention_module(config, 0, tensors, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(12, 16, config.hidden_size, generator=generator)
-    rotary = FactorConvRotaryEmbedding(config)
-    position_embeddings = rotary(inputs[:1], torch.arange(16)[None])
+    position_embeddings = FactorConvRotaryEmbedding(config)(inputs[:1], torch.arange(16)[None])
     with torch.no_grad():
         targets = module(inputs, position_embeddings=tuple(p.expand(12, -1, -1) for p in position_embeddings))[0]
+    return config, tensors, module, inputs, position_embeddings, targets, generator
+
+
+def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
+    """o_proj is linear in what it reads: from a scrambled o_proj, the least-squares refit finds the one that
+    produced the targets (up to the ridge), so the layer's output error drops to ~0."""
+    config, tensors, module, inputs, position_embeddings, targets, generator = _converted_layer_zero(
+        str(source_dirs["llama_gqa"]), tmp_path)
+    with torch.no_grad():
         true_weight = module.o_proj.weight.clone()
         module.o_proj.weight.copy_(torch.randn(true_weight.shape, generator=generator) * true_weight.std())
     acts = LayerActivations(0, inputs, targets, position_embeddings, held_out=2)
@@ -284,3 +289,58 @@ def test_uniform_widths_do_not_need_the_weights(source_dirs, tmp_path, target, b
     assert [p.widths for p in skipped] == [p.widths for p in read]
     assert [p.cache_width for p in skipped] == [p.cache_width for p in read]
     assert read[0].predicted_error is not None and skipped[0].predicted_error is None
+
+
+@pytest.mark.parametrize("schedule", ["warmup-cosine", "constant"])
+def test_refinement_steps_follow_the_schedule(schedule, source_dirs, tmp_path, monkeypatch):
+    """Every Adam step runs at its tensor's relative peak × the schedule's factor: warm-up to the peak over the
+    first 10% of the steps, cosine decay to 10% of it; or the peak throughout."""
+    config, tensors, module, inputs, position_embeddings, targets, _ = _converted_layer_zero(
+        str(source_dirs["llama_gqa"]), tmp_path)
+    acts = LayerActivations(0, inputs, 1.5 * targets, position_embeddings, held_out=2)
+    peaks = [group["lr"] for group in refine._relative_groups(module, 0.02)]
+    seen: list[list[float]] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    result = refine.refine_layer(config, 0, tensors, acts, steps=50, lr=0.02, schedule=schedule)
+    assert len(seen) == 50
+    factors = [lrs[0] / peaks[0] for lrs in seen]
+    for lrs, factor in zip(seen, factors):
+        assert lrs == pytest.approx([peak * factor for peak in peaks])  # one factor for every tensor
+    if schedule == "constant":
+        assert factors == pytest.approx([1.0] * 50)
+    else:
+        assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # warm-up: 10% of 50 steps
+        assert all(a >= b for a, b in zip(factors[4:], factors[5:]))  # then only down
+        assert 0.1 < factors[-1] < 0.11
+    assert result.error_after < result.error_before  # the outputs scaled by 1.5 are reachable through o_proj
+
+
+@pytest.mark.parametrize("budget, calib, given, expected", [
+    (None, None, None, 0), (None, "c.txt", None, 200), (0.5, "c.txt", None, 200), (0.75, "c.txt", None, 200),
+    (0.4, "c.txt", None, 250), (0.25, "c.txt", None, 400), (0.125, "c.txt", None, 400), (0.25, "c.txt", 30, 30),
+])
+def test_default_refinement_steps_grow_below_half_the_kv_bytes(budget, calib, given, expected):
+    options = ConvertOptions(source="x", output="y", to="mfa", kv_budget=budget, calib=calib, refine_steps=given)
+    assert options.layer_refine_steps == expected
+
+
+def test_refinement_options_from_the_command_line(source_dirs, tmp_path):
+    """--refine-lr / --refine-schedule reach the conversion (saved with it); bad values are one-line errors."""
+    calib = _tokens_file(tmp_path, seq=16, count=8)
+    args = ["convert", str(source_dirs["llama_gqa"]), str(tmp_path / "out"), "--to", "mfa", "--kv-budget", "0.5",
+            "--calib", str(calib), "--calib-seq-len", "16", "--refine-steps", "3"]
+    result = CliRunner().invoke(main, [*args, "--refine-lr", "0.01", "--refine-schedule", "constant"])
+    assert result.exit_code == 0, result.output
+    saved = (tmp_path / "out" / "factorconv_recipe.yaml").read_text()
+    assert "refine_lr: 0.01" in saved and "refine_schedule: constant" in saved
+    result = CliRunner().invoke(main, [*args, "--overwrite", "--refine-lr", "0"])
+    assert result.exit_code != 0 and "refine" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    result = CliRunner().invoke(main, [*args, "--overwrite", "--refine-schedule", "cosine"])
+    assert result.exit_code != 0 and "'cosine' is not one of" in result.output

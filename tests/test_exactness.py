@@ -45,6 +45,7 @@ def test_full_rank_reproduces_source_logits(name, variant, source_model, convert
     report = json.loads((out / REPORT_FILE).read_text())
     assert len(report["layers"]) == source.config.num_hidden_layers
     assert report["seconds"]["refinement"] == 0.0  # weight-only: nothing to refine
+    assert report["refine_steps"] == 0
     for layer in report["layers"]:
         assert layer["key_error"] < 1e-6 and layer["value_error"] < 1e-6
         if "rank_q" in VARIANTS[variant](source.config):

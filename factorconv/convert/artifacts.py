@@ -67,6 +67,7 @@ def write_artifacts(
             "source": source_kv_bytes_per_token(config, size),
             "converted": target_kv_bytes_per_token(config, size),
         },
+        "refine_steps": options.layer_refine_steps,  # resolved: the default depends on calibration and budget
         "seconds": {stage: round(value, 1) for stage, value in seconds.items()},
         "layers": [asdict(r) for r in reports],
     }
