@@ -64,17 +64,20 @@ def probe_layers(
         gains.append(layer_components(SourceAttention(read, acts.layer, device), moment))
         bar.update()
     bar.close()
-    clean = runner.hidden[probe]
-    kls = [_mean_kl(runner, clean, stream) for stream in streams]
+    kls = _mean_kls(runner, runner.hidden[probe], streams)
     return [LayerSensitivity(layer, kl, c) for layer, (kl, c) in enumerate(zip(kls, gains))]
 
 
-def _mean_kl(runner: LayerwiseRunner, clean: torch.Tensor, perturbed: torch.Tensor) -> float:
-    total = 0.0
-    for reference, converted in zip(clean, perturbed):  # one sequence at a time: logits are T × vocab
+def _mean_kls(runner: LayerwiseRunner, clean: torch.Tensor, perturbed: list[torch.Tensor]) -> list[float]:
+    """Mean KL(clean ‖ perturbed) per token for each perturbed stream; one sequence at a time (logits are T × vocab),
+    the clean sequence's log-probabilities computed once for all streams (the output head dominates on CPU)."""
+    totals = [0.0] * len(perturbed)
+    for row, reference in enumerate(clean):
         p = runner.log_probs(reference)
-        total += float((p.exp() * (p - runner.log_probs(converted))).sum(-1).mean())
-    return total / clean.shape[0]
+        probs = p.exp()
+        for index, stream in enumerate(perturbed):
+            totals[index] += float((probs * (p - runner.log_probs(stream[row]))).sum(-1).mean())
+    return [total / clean.shape[0] for total in totals]
 
 
 # Each layer's width as a multiple of the uniform one, split between its components in the uniform proportions
