@@ -66,9 +66,10 @@ def main() -> None:
             start = time.perf_counter()
             columns[name] = [answer(model, tokenizer, p, args.max_new_tokens) for p in PROMPTS]
             seconds[name] += time.perf_counter() - start
-    print(f"### SmolLM2-135M-Instruct, greedy chat answers ({args.max_new_tokens} new tokens at most), "
-          (f"{', '.join(str(f) for f in args.converted)} as converted" if args.converted else
-             f"{args.to} with the default calibrated conversion, allocation {args.allocation}") + f"; {machine()}\n")
+    what = (f"{', '.join(f.name for f in args.converted)} as converted" if args.converted else
+            f"{args.to} with the default calibrated conversion, allocation {args.allocation}")
+    print(f"### SmolLM2-135M-Instruct, greedy chat answers ({args.max_new_tokens} new tokens at most), {what}; "
+          f"{machine()}\n")
     print("| prompt | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for i, prompt in enumerate(PROMPTS):
