@@ -64,15 +64,18 @@ def probe_layers(
         gains.append(layer_components(SourceAttention(read, acts.layer, device), moment))
         bar.update()
     bar.close()
-    kls = _mean_kls(runner, runner.hidden[probe], streams)
+    kls = _mean_kls(runner, runner.hidden[probe], streams, progress)
     return [LayerSensitivity(layer, kl, c) for layer, (kl, c) in enumerate(zip(kls, gains))]
 
 
-def _mean_kls(runner: LayerwiseRunner, clean: torch.Tensor, perturbed: list[torch.Tensor]) -> list[float]:
+def _mean_kls(
+    runner: LayerwiseRunner, clean: torch.Tensor, perturbed: list[torch.Tensor], progress: bool = False
+) -> list[float]:
     """Mean KL(clean ‖ perturbed) per token for each perturbed stream; one sequence at a time (logits are T × vocab),
     the clean sequence's log-probabilities computed once for all streams (the output head dominates on CPU)."""
     totals = [0.0] * len(perturbed)
-    for row, reference in enumerate(clean):
+    rows = tqdm(clean, desc="probe KL", unit="sequence", disable=not progress)
+    for row, reference in enumerate(rows):
         p = runner.log_probs(reference)
         probs = p.exp()
         for index, stream in enumerate(perturbed):
