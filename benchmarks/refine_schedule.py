@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", choices=["warmup-cosine", "constant"],
                         default=["warmup-cosine", "constant"])
     parser.add_argument("--steps", nargs="+", default=["default"], help="refinement steps per layer, or 'default'")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[ConvertOptions.model_fields["refine_lr"].default])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[None], help="default: the library's for the target")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="(SmolLM2: 8,192 as benchmarks/quality.py)")
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2)
     args = parser.parse_args()
@@ -57,7 +57,7 @@ def main() -> None:
                            refine_schedule=schedule)
             if steps != "default":
                 options["refine_steps"] = int(steps)
-            resolved = ConvertOptions(source=str(spec["folder"]), output=Path("-"), **options).layer_refine_steps
+            resolved = ConvertOptions(source=str(spec["folder"]), output=Path("-"), **options)
             try:
                 model, seconds = convert_and_load(spec["folder"], Path(tmp) / "out", **options)
             except FactorConvError as err:
@@ -65,7 +65,8 @@ def main() -> None:
                     continue  # this target cannot reach this budget
                 raise
             ppl = perplexity(model, tokens, spec["seq_len"], progress=False)
-            print(f"| {target} | {budget:.1%} | {schedule} | {lr:g} | {resolved} | {ppl:.3f} | {ppl / base:.3f}x | "
+            print(f"| {target} | {budget:.1%} | {schedule} | {resolved.refine_lr:g} | {resolved.layer_refine_steps} | "
+                  f"{ppl:.3f} | {ppl / base:.3f}x | "
                   f"{seconds:.1f} |", flush=True)
             del model
 

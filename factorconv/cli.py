@@ -116,7 +116,7 @@ def main(ctx: click.Context, quiet: bool) -> None:
     help="Adam steps per layer fitting attention outputs (default with --calib: 200, up to 400 at --kv-budget 0.25 "
     "and below; 0: only a least-squares refit of the output projection).",
 )
-@click.option("--refine-lr", type=float, help="Adam's peak step as a fraction of each tensor's RMS (default 0.02).")
+@click.option("--refine-lr", type=float, help="Adam's peak step as a fraction of each tensor's RMS (default 0.04 for tpa, 0.02 for mfa/mfa-kr).")
 @click.option("--refine-schedule", type=click.Choice(["warmup-cosine", "constant"]),
               help="Step size over the refinement steps (default warmup-cosine: 10% warm-up, cosine decay to 10%).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")

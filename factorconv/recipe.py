@@ -19,6 +19,11 @@ TARGET_OPTIONS: dict[str, set[str]] = {
     "mfa_kr": {"rope_dim", "nope_dim", "query_rank", "mla", "mla_shape"},
 }
 WIDTH_OPTIONS = {"rank_k", "rank_v", "key_dim", "value_dim", "rope_dim", "nope_dim"}  # what kv_budget allocates
+# Default refinement step (fraction of each tensor's RMS) per target: TPA's head-mixing factors want larger steps
+# (pycode-27M at 50%: 1.138x at 0.02, 1.089x at 0.04; stories260K 1.387x -> 1.329x at 50%, 1.873x -> 1.728x at 25%);
+# MFA/MFA-KR are flat or worse above 0.02 (SmolLM2 MFA-KR 50%: 1.200x at 0.02, 1.213x at 0.04):
+# benchmarks/results/refine_lr_*.md.
+REFINE_LR = {"tpa": 0.04, "mfa": 0.02, "mfa_kr": 0.02}
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -91,9 +96,10 @@ class ConvertOptions(BaseModel):
         "400 at kv_budget 0.25 or below, in between 100 / kv_budget; 0: least-squares refit of the output projection "
         "only)"
     )
-    refine_lr: float = Field(
-        default=0.02, gt=0, le=1,
-        description="Adam's peak step as a fraction of each tensor's RMS (Adam moves every element by about its lr)",
+    refine_lr: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Adam's peak step as a fraction of each tensor's RMS (Adam moves every element by about its lr; "
+        "default: 0.04 for tpa, 0.02 for mfa and mfa_kr)",
     )
     refine_schedule: Literal["warmup-cosine", "constant"] = Field(
         default="warmup-cosine",
@@ -140,6 +146,8 @@ class ConvertOptions(BaseModel):
         if self.allocation == "auto":  # resolved here, so what is saved with the output says what ran
             fixed = self.mla or self.mqa or self.kv_budget is None or self.calib is None
             self.allocation = "uniform" if fixed else "measured"
+        if self.refine_lr is None:
+            self.refine_lr = REFINE_LR[self.to]
         if self.allocation == "measured" and (self.calib is None or self.kv_budget is None):
             raise ValueError("allocation 'measured' spreads a kv_budget by layer sensitivity measured on calibration "
                              "data: pass kv_budget and calib")

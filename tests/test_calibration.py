@@ -12,7 +12,7 @@ from conftest import random_ids
 
 from factorconv.cli import main
 from factorconv.convert import convert
-from factorconv.convert import refine
+from factorconv.convert import pipeline, refine
 from factorconv.convert.calibrate import LayerActivations, LayerwiseRunner, MomentAccumulator, calibration_tokens
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.errors import FactorConvError
@@ -328,6 +328,28 @@ def test_refinement_steps_follow_the_schedule(schedule, source_dirs, tmp_path, m
 def test_default_refinement_steps_grow_below_half_the_kv_bytes(budget, calib, given, expected):
     options = ConvertOptions(source="x", output="y", to="mfa", kv_budget=budget, calib=calib, refine_steps=given)
     assert options.layer_refine_steps == expected
+
+
+@pytest.mark.parametrize("target, expected", [("tpa", 0.04), ("mfa", 0.02), ("mfa_kr", 0.02)])
+def test_default_refinement_step_per_target(target, expected, monkeypatch, source_dirs, tmp_path):
+    """TPA's default step is larger (its head mixes move further); the resolved value is what refine_layer gets
+    and what the saved recipe says."""
+    options = ConvertOptions(source="x", output="y", to=target)
+    assert options.refine_lr == expected
+    assert ConvertOptions(source="x", output="y", to=target, refine_lr=0.01).refine_lr == 0.01
+    got: list[float] = []
+    original = pipeline.refine_layer
+
+    def spy(*args, **kwargs):
+        got.append(args[5])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "refine_layer", spy)
+    calib = _tokens_file(tmp_path, seq=16, count=8)
+    out = convert(ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to=target,
+                                 kv_budget=0.5, calib=str(calib), calib_seq_len=16, refine_steps=2), progress=False)
+    assert got and set(got) == {expected}
+    assert f"refine_lr: {expected}" in (out / "factorconv_recipe.yaml").read_text()
 
 
 def test_refinement_options_from_the_command_line(source_dirs, tmp_path):
