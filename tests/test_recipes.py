@@ -98,13 +98,14 @@ def test_recipe_validates_and_plans_offline(path):
         assert budget is not None and abs(plan.reduction - budget) < 0.02
     assert plan.kv_bytes_target < plan.kv_bytes_source
 
-    # The comment header: how to run it, the KV reduction (as planned here), hardware.
+    # The comment header: how to run it, the KV reduction and parameters (as planned here), hardware.
     text = path.read_text()
     header = text.split("\n\n", 1)[0]
     assert all(line.startswith("#") for line in header.splitlines())
     assert f"factorconv run recipes/{path.name}" in header
     assert f"{plan.kv_bytes_source:,} -> {plan.kv_bytes_target:,} bytes/token" in header
     assert "Hardware:" in header
+    assert f"Parameters: {plan.parameters_source / 1e9:.2f}B -> {plan.parameters_target / 1e9:.2f}B" in header
 
 
 def test_validate_command_plans_against_a_local_config():
