@@ -245,7 +245,7 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--seq-len", type=int, help="Packed block length (default: the context, at most 2048).")
 @click.option("--batch-size", type=int, help="Blocks per micro-batch on each process.  [default: 8]")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.  [default: 1]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-4]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: by model width: 1.28 / hidden size for attention, 0.024 / √hidden size for all]")
 @click.option("--warmup", type=int, help="Linear warmup steps (default: 5% of the steps), then cosine decay.")
 @click.option("--min-lr-ratio", type=float, help="Cosine floor as a fraction of --lr.  [default: 0.1]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")

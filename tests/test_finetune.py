@@ -21,6 +21,7 @@ from factorconv.finetune import FinetuneOptions, finetune
 from factorconv.finetune import data as data_lib
 from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE, TIMING_KEYS, _Run, lr_at
 from factorconv.finetune.output import SUMMARY_FILE
+from factorconv.finetune.options import default_lr
 
 SEQ = 32
 
@@ -296,6 +297,28 @@ def test_schedule_warmup_then_cosine():
     lrs = [lr_at(s, o, total=20, warmup=4) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
+
+
+def test_default_lr_follows_the_measured_best_and_the_width():
+    """At the two measured widths the rule gives the measured best (heal_curves_*.md); wider models get less."""
+    assert default_lr("attention", 64) == pytest.approx(2e-2)
+    assert default_lr("attention", 512) == pytest.approx(2.5e-3)  # measured: 1e-3 1.086x, 3e-3 1.078x, 1e-2 1.173x
+    assert default_lr("attention+norms", 512) == default_lr("attention", 512)
+    assert default_lr("all", 64) == pytest.approx(3e-3)
+    assert default_lr("all", 512) == pytest.approx(1.06e-3, rel=0.01)
+    assert default_lr("all", 4096) < default_lr("all", 512) and default_lr("attention", 4096) < 5e-4
+
+
+@pytest.mark.parametrize("given", [None, 5e-3])
+def test_an_unset_lr_resolves_for_the_model_and_is_saved(given, tpa, tokens_file, tmp_path):
+    """No --lr: the width rule for this model, used by the schedule and recorded (so --resume compares what ran)."""
+    out = tmp_path / "healed"
+    finetune(options(tpa, out, tokens_file, steps=4, warmup=0, lr=given), progress=False)
+    hidden = json.loads((tpa / "config.json").read_text())["hidden_size"]
+    expected = default_lr("attention", hidden) if given is None else given
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["options"]["lr"] == pytest.approx(expected)
+    assert metrics(out)[1]["lr"] == pytest.approx(expected)  # step 1 of 4, no warmup: the peak
 
 
 # --- data ----------------------------------------------------------------------------------------------------------

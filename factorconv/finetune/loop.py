@@ -29,7 +29,7 @@ from ..evaluate.data import check_token_ids
 from ..output_folder import check_output_path, publish, refuse_foreign, unwritable
 from . import data as data_lib
 from .loss import distillation_loss
-from .options import RESUMABLE_CHANGES, FinetuneOptions
+from .options import RESUMABLE_CHANGES, FinetuneOptions, default_lr
 from .output import write_outputs
 from .plot import plot_curves
 from .trainable import select_trainable, trainable_modules, wrap_lora
@@ -236,6 +236,8 @@ class _Run:
         o = self.options
         self.model_folder = _on_main_then_all(self.accelerator, lambda: _resolve_model(o.model, o.revision, "model"))
         self.config = _config(self.model_folder, "model")
+        if o.lr is None:  # resolved here, so what is saved and compared on --resume says what ran
+            self.options = o = o.model_copy(update={"lr": default_lr(o.trainable, self.config.hidden_size)})
         self.teacher_name = o.teacher or getattr(self.config, "source_model", None)
         self.teacher_folder = None
         if o.uses_teacher:
@@ -665,7 +667,7 @@ class _Run:
             f"healing {o.model}: {self.trainable_count:,} of {self.total_count:,} parameters train ({o.trainable}"
             + (f" + LoRA r={o.lora_r} on {','.join(o.lora_targets)}" if o.lora_r else "")
             + ")",
-            f"{self.total} steps × {self.tokens_per_step:,} tokens ({self.world} process(es), "
+            f"{self.total} steps × {self.tokens_per_step:,} tokens at peak lr {o.lr:.2e} ({self.world} process(es), "
             f"{self.accelerator.device}, mixed precision {self.accelerator.mixed_precision})"
             + (f", resuming at step {start}" if start else ""),
             f"data: {self.split.train.shape[0]:,} blocks of {self.seq_len}; eval: {self.eval_description}",

@@ -12,6 +12,15 @@ DEFAULT_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "keep_checkpoints", "eval_every", "max_shard_size"})
 
 
+def default_lr(trainable: Trainable, hidden_size: int) -> float:
+    """The measured best peak lr at two widths, extended by how the best one fell between them (heal_curves_*.md):
+    attention (± norms) at 2e-2 on stories260K (hidden 64) and 3e-3 on pycode-27M (512) fall as 1 / hidden (Adam's
+    update to a width-n matrix moves its outputs ∝ n·lr); all weights at 3e-3 and 1e-3 fall as 1 / √hidden."""
+    if trainable == "all":
+        return 0.024 / hidden_size**0.5
+    return 1.28 / hidden_size
+
+
 class FinetuneOptions(BaseModel):
     """Distillation healing of a converted model: KL(teacher ‖ student) at a temperature, plus optional CE."""
 
@@ -37,7 +46,11 @@ class FinetuneOptions(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="blocks per micro-batch on each process")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
 
-    lr: float = Field(default=1e-4, gt=0, description="peak learning rate (AdamW; small models heal faster with more)")
+    lr: float | None = Field(
+        default=None, gt=0,
+        description="peak learning rate (AdamW; default: by the model's width, see default_lr: 2e-2 at hidden size 64, "
+        "2.5e-3 at 512, 3.1e-4 at 4096 for attention; all weights 3e-3, 1.1e-3, 3.75e-4)",
+    )
     warmup: int | None = Field(default=None, ge=0, description="linear warmup steps (default: 5% of the steps)")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine decays to lr × this at the last step")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (matrices only)")
