@@ -7,6 +7,7 @@ snippet and the exact recipe.
 """
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from .modeling import FactorConvConfig
+
+logger = logging.getLogger("factorconv")
 
 CARD_FILE = "README.md"
 REPORT_FILE = "factorconv_report.json"
@@ -49,7 +52,8 @@ def source_license(source_folder: Path | None) -> str | None:
         return None
     try:
         license_ = ModelCard.load(card, ignore_metadata_errors=True).data.license
-    except Exception:  # a malformed card is no reason to fail a conversion
+    except (OSError, ValueError) as err:  # unreadable or malformed front matter: no reason to fail a conversion
+        logger.warning("no license for the model card: %s could not be parsed (%s)", card, err)
         return None
     return license_ if isinstance(license_, str) and license_ else None
 

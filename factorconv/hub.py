@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import EntryNotFoundError, HTTPError
 from safetensors import SafetensorError, safe_open
 
 from .errors import FactorConvError
@@ -19,6 +20,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Left out of uploads: hidden files and folders (editor/OS litter, caches, partial writes).
 IGNORE_PATTERNS = [".*", "*/.*"]
+# What a Hub call raises when the Hub says no or cannot be reached (HTTP status, network, offline, not found, a bad
+# repo id): expected failures, reported in one line. Anything else is a bug and keeps its traceback.
+HUB_FAILURES = (HTTPError, EntryNotFoundError, OSError, ValueError)
 
 
 def folder_problems(folder: Path) -> list[str]:
@@ -162,9 +166,7 @@ def push(
             commit_message=commit_message or f"Upload {folder.name} (factorconv)",
             ignore_patterns=IGNORE_PATTERNS,
         )
-    except FactorConvError:
-        raise
-    except Exception as err:  # huggingface_hub raises HTTP, network and value errors
+    except HUB_FAILURES as err:  # HTTP, network and validation errors: expected, one line; anything else is a bug
         raise FactorConvError(f"push to {repo_id} failed: {_redact(_first_line(err))}") from None
     url = getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
     return _redact(str(url))

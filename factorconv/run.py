@@ -21,7 +21,7 @@ from . import __version__
 from .card import CardResults, source_license, write_model_card
 from .errors import FactorConvError
 from .evaluate.kv_cache import analytic_kv_bytes_per_token
-from .hub import folder_problems, push, require_token
+from .hub import HUB_FAILURES, folder_problems, push, require_token
 from .output_folder import check_output_path, refuse_foreign
 from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
 
@@ -404,11 +404,14 @@ def _license(recipe: Recipe) -> str | None:
     model = Path(recipe.source.model).expanduser()
     if model.is_dir():
         return source_license(model)
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
+    try:
         card = hf_hub_download(recipe.source.model, "README.md", revision=recipe.source.revision)
-    except Exception:  # offline, gated, no card: the card simply has no license line
+    except HUB_FAILURES as err:  # offline, gated, no card: say so, and publish without a license line
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        logger.warning("no license for the model card: %s's README.md could not be read (%s)",
+                       recipe.source.model, message)
         return None
     return source_license(Path(card).parent)
 

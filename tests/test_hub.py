@@ -244,3 +244,50 @@ def test_recipe_push_stage(fake_api, tmp_path, monkeypatch, source_dirs):
     assert 'from_pretrained("my-org/Tiny-TPA", trust_remote_code=True)' in card
     assert "repo_id: my-org/Tiny-TPA" in card  # the recipe, embedded
     assert_no_token(result.output, folder=tmp_path / "out")
+
+
+def test_push_lets_a_bug_surface_instead_of_one_line(fake_api, sharded):
+    """Only the Hub's own failures become one line: a bug (here a TypeError inside the client) keeps its traceback."""
+    FakeApi.fail_with = TypeError("unexpected keyword argument 'revison'")
+    result = cli("push", sharded, "me/tiny")
+    assert isinstance(result.exception, TypeError)
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    FakeApi.fail_with = LocalEntryNotFoundError("cannot reach the Hub")  # offline: expected, one line
+    result = cli("push", sharded, "me/tiny")
+    assert result.exit_code == 1 and result.output.startswith("Error: push to me/tiny failed: cannot reach the Hub")
+
+
+def test_license_lookup_failures_warn_in_one_line(monkeypatch, tmp_path, caplog):
+    """A card published without the source's license says why (one warning line); a bug is not swallowed."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from factorconv.card import source_license
+    from factorconv.run import _license
+
+    class Recipe:
+        class source:
+            model, revision = "some-org/some-model", None
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with caplog.at_level("WARNING", logger="factorconv"):
+        assert _license(Recipe) is None
+    (record,) = caplog.records
+    assert "some-org/some-model" in record.getMessage() and "offline" in record.getMessage()
+
+    def broken(*args, **kwargs):
+        raise TypeError("bug")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", broken)
+    with pytest.raises(TypeError):
+        _license(Recipe)
+
+    caplog.clear()
+    (tmp_path / "README.md").write_bytes(b"---\nlicense: \xff\xfe\n---\n")  # not UTF-8
+    with caplog.at_level("WARNING", logger="factorconv"):
+        assert source_license(tmp_path) is None
+    assert len(caplog.records) == 1 and "could not be parsed" in caplog.records[0].getMessage()
