@@ -393,16 +393,13 @@ def test_eval_token_ids_beyond_vocabulary(converted, tmp_path):
 
 
 def test_overwrite_output_that_is_a_file(source_dirs, parent):
-    """--overwrite onto an existing *file*: replaced, or a one-line error; never a traceback or staging debris."""
+    """--overwrite replaces folders we wrote, never a user's *file*: a one-line error naming it, the file kept as it
+    was, no staging debris."""
     out = parent / "taken"
     out.write_text("not a folder")
     result = run("convert", source_dirs["llama_gqa"], out, "--overwrite")
-    if result.exit_code == 0:
-        assert (out / "config.json").is_file()
-        assert [p.name for p in parent.iterdir()] == ["taken"]
-    else:
-        assert_clean_failure(result, None, str(out))
-        assert [p.name for p in parent.iterdir()] == ["taken"]
+    assert_clean_failure(result, None, f"output {out} is a file, not a folder")
+    assert [p.name for p in parent.iterdir()] == ["taken"] and out.read_text() == "not a folder"
 
 
 # --- the evaluation library -------------------------------------------------------------------------------------------
