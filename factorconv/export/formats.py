@@ -55,8 +55,6 @@ def check_common(config: FactorConvConfig, fmt: ExportFormat, rotary_widths: lis
         standard = None
     if standard is None or any(list(map(int, pairs)) != standard for pairs in config.rope_pair_index):
         raise refuse(config, fmt, "its rotated key pairs are not one per frequency of a standard RoPE sequence")
-    if config.query_rank is not None and config.query_norm:
-        raise refuse(config, fmt, f"its low-rank queries are normalised, which {fmt.name} cannot express")
     return width
 
 

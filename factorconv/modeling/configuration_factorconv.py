@@ -35,7 +35,7 @@ class FactorConvConfig(PreTrainedConfig):
     `rope_dim[l] + nope_dim[l]`; keys are [RoPE(c_rope) | c_nope], values read c_nope. For both, the
     rotated pair n of the key rotates at source frequency `rope_pair_index[l][n]`, the weights are stored in
     factored form (the source's query and output projections plus per-group maps, `attention_layout`
-    "factored"), queries may go through a rank-`query_rank[l]` product (with `query_norm` between), and scores
+    "factored"), queries may go through a rank-`query_rank[l]` product, and scores
     are scaled by `attention_scale` (the source's 1/√head_dim), as TPA's. MFA-KR's `latent_norm` RMS-normalises
     c_nope before it is cached (DeepSeek-V3's kv_a_layernorm). `serving_format` records that the conversion built
     the model to fit a stock architecture ("deepseek_v3" for MFA-KR, "llama" for MFA), which `factorconv export`
@@ -77,7 +77,6 @@ class FactorConvConfig(PreTrainedConfig):
     nope_dim: int | list[int] | None = None
     rope_pair_index: list[list[int]] | None = None
     query_rank: int | list[int] | None = None
-    query_norm: bool = False
     latent_norm: bool = False
     serving_format: str | None = None
     attention_scale: float | None = None

@@ -418,7 +418,6 @@ class SharedKVAttention(nn.Module):
         rank = config.query_rank[layer_idx] if config.query_rank is not None else None
         self.q_proj = nn.Linear(hidden, width, bias=config.qkv_bias) if rank is None else None
         self.q_down = nn.Linear(hidden, rank, bias=False) if rank is not None else None
-        self.q_norm = FactorConvRMSNorm(rank, config.rms_norm_eps) if rank is not None and config.query_norm else None
         self.q_up = nn.Linear(rank, width, bias=config.qkv_bias) if rank is not None else None
         self.o_proj = nn.Linear(width, hidden, bias=config.o_bias)
         self.rope_pairs = [int(p) for p in config.rope_pair_index[layer_idx]]
@@ -447,8 +446,7 @@ class SharedKVAttention(nn.Module):
         if self.q_proj is not None:
             q = self.q_proj(x)
         else:
-            down = self.q_down(x)
-            q = self.q_up(self.q_norm(down) if self.q_norm is not None else down)
+            q = self.q_up(self.q_down(x))
         return q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def _per_group(self, x: torch.Tensor, maps: torch.Tensor, transpose: bool) -> torch.Tensor:
