@@ -118,7 +118,8 @@ def main(ctx: click.Context, quiet: bool) -> None:
 )
 @click.option("--refine-lr", type=float, help="Adam's peak step as a fraction of each tensor's RMS (default 0.04 for tpa, 0.02 for mfa/mfa-kr).")
 @click.option("--refine-schedule", type=click.Choice(["warmup-cosine", "constant"]),
-              help="Step size over the refinement steps (default warmup-cosine: 10% warm-up, cosine decay to 10%).")
+              help="Step size over the refinement steps: warmup-cosine (10% warm-up, cosine decay to 10%; the default "
+                   "for mfa/mfa-kr) or constant (the default for tpa).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the factorization: cpu, cuda, auto.")

@@ -19,11 +19,13 @@ TARGET_OPTIONS: dict[str, set[str]] = {
     "mfa_kr": {"rope_dim", "nope_dim", "query_rank", "mla", "mla_shape"},
 }
 WIDTH_OPTIONS = {"rank_k", "rank_v", "key_dim", "value_dim", "rope_dim", "nope_dim"}  # what kv_budget allocates
-# Default refinement step (fraction of each tensor's RMS) per target: TPA's head-mixing factors want larger steps
-# (pycode-27M at 50%: 1.138x at 0.02, 1.089x at 0.04; stories260K 1.387x -> 1.329x at 50%, 1.873x -> 1.728x at 25%);
-# MFA/MFA-KR are flat or worse above 0.02 (SmolLM2 MFA-KR 50%: 1.200x at 0.02, 1.213x at 0.04):
-# benchmarks/results/refine_lr_*.md.
-REFINE_LR = {"tpa": 0.04, "mfa": 0.02, "mfa_kr": 0.02}
+# Default refinement step (fraction of each tensor's RMS) and schedule per target (benchmarks/results/refine_lr_*.md,
+# 50% of the KV bytes). TPA's head-mixing factors want larger, constant steps: pycode-27M 1.138x (0.02, warm-up +
+# cosine) -> 1.089x (0.04, warm-up + cosine) -> 1.050x (0.04 constant); SmolLM2 2.63x -> 2.32x -> 2.13x. MFA/MFA-KR
+# want the warm-up + cosine schedule at 0.02 (SmolLM2 MFA-KR 1.200x; 1.213x at 0.04; 1.24x constant).
+REFINE_DEFAULTS: dict[str, tuple[float, str]] = {
+    "tpa": (0.04, "constant"), "mfa": (0.02, "warmup-cosine"), "mfa_kr": (0.02, "warmup-cosine"),
+}
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -101,10 +103,10 @@ class ConvertOptions(BaseModel):
         description="Adam's peak step as a fraction of each tensor's RMS (Adam moves every element by about its lr; "
         "default: 0.04 for tpa, 0.02 for mfa and mfa_kr)",
     )
-    refine_schedule: Literal["warmup-cosine", "constant"] = Field(
-        default="warmup-cosine",
+    refine_schedule: Literal["warmup-cosine", "constant"] | None = Field(
+        default=None,
         description="refinement step size over the steps: linear warm-up over the first 10% then cosine decay to "
-        "10% of refine_lr, or constant",
+        "10% of refine_lr, or constant (default: constant for tpa, warmup-cosine for mfa and mfa_kr)",
     )
     dtype: DType = "auto"
     max_shard_size: str = "2GB"
@@ -146,8 +148,9 @@ class ConvertOptions(BaseModel):
         if self.allocation == "auto":  # resolved here, so what is saved with the output says what ran
             fixed = self.mla or self.mqa or self.kv_budget is None or self.calib is None
             self.allocation = "uniform" if fixed else "measured"
-        if self.refine_lr is None:
-            self.refine_lr = REFINE_LR[self.to]
+        lr, schedule = REFINE_DEFAULTS[self.to]
+        self.refine_lr = lr if self.refine_lr is None else self.refine_lr
+        self.refine_schedule = schedule if self.refine_schedule is None else self.refine_schedule
         if self.allocation == "measured" and (self.calib is None or self.kv_budget is None):
             raise ValueError("allocation 'measured' spreads a kv_budget by layer sensitivity measured on calibration "
                              "data: pass kv_budget and calib")

@@ -330,26 +330,30 @@ def test_default_refinement_steps_grow_below_half_the_kv_bytes(budget, calib, gi
     assert options.layer_refine_steps == expected
 
 
-@pytest.mark.parametrize("target, expected", [("tpa", 0.04), ("mfa", 0.02), ("mfa_kr", 0.02)])
-def test_default_refinement_step_per_target(target, expected, monkeypatch, source_dirs, tmp_path):
-    """TPA's default step is larger (its head mixes move further); the resolved value is what refine_layer gets
-    and what the saved recipe says."""
+@pytest.mark.parametrize("target, expected, schedule", [
+    ("tpa", 0.04, "constant"), ("mfa", 0.02, "warmup-cosine"), ("mfa_kr", 0.02, "warmup-cosine"),
+])
+def test_default_refinement_step_per_target(target, expected, schedule, monkeypatch, source_dirs, tmp_path):
+    """TPA's default steps are larger and constant (its head mixes move further); the resolved values are what
+    refine_layer gets and what the saved recipe says; given values win."""
     options = ConvertOptions(source="x", output="y", to=target)
-    assert options.refine_lr == expected
-    assert ConvertOptions(source="x", output="y", to=target, refine_lr=0.01).refine_lr == 0.01
-    got: list[float] = []
+    assert (options.refine_lr, options.refine_schedule) == (expected, schedule)
+    given = ConvertOptions(source="x", output="y", to=target, refine_lr=0.01, refine_schedule="warmup-cosine")
+    assert (given.refine_lr, given.refine_schedule) == (0.01, "warmup-cosine")
+    got: list[tuple[float, str]] = []
     original = pipeline.refine_layer
 
     def spy(*args, **kwargs):
-        got.append(args[5])
+        got.append((args[5], kwargs["schedule"]))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "refine_layer", spy)
     calib = _tokens_file(tmp_path, seq=16, count=8)
     out = convert(ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to=target,
                                  kv_budget=0.5, calib=str(calib), calib_seq_len=16, refine_steps=2), progress=False)
-    assert got and set(got) == {expected}
-    assert f"refine_lr: {expected}" in (out / "factorconv_recipe.yaml").read_text()
+    assert got and set(got) == {(expected, schedule)}
+    saved = (out / "factorconv_recipe.yaml").read_text()
+    assert f"refine_lr: {expected}" in saved and f"refine_schedule: {schedule}" in saved
 
 
 def test_refinement_options_from_the_command_line(source_dirs, tmp_path):
