@@ -8,19 +8,18 @@ snippet and the exact recipe.
 
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .hub import HUB_ID
 from .modeling import FactorConvConfig
 
 logger = logging.getLogger("factorconv")
 
 CARD_FILE = "README.md"
 REPORT_FILE = "factorconv_report.json"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _PLACEHOLDER = "<this repo>"
 
 
@@ -160,7 +159,7 @@ def export_card(
 
 
 def _is_hub_id(source: str | None) -> bool:
-    return bool(source) and _HUB_ID.match(source) is not None and not Path(source).exists()
+    return bool(source) and HUB_ID.match(source) is not None and not Path(source).exists()
 
 
 def _bytes_per_value(config: FactorConvConfig) -> int:

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import FactorConvError
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name: a Hub repository id (the one definition)
 MODELING_FILES = ("configuration_factorconv.py", "modeling_factorconv.py")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -11,6 +11,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FactorConvError
+from .hub import HUB_ID
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 TARGET_OPTIONS: dict[str, set[str]] = {
@@ -192,7 +193,6 @@ class ConvertOptions(BaseModel):
 # `calibration` takes `data` plus ConvertOptions' `calib_<x>` fields as `<x>`. Both are checked by ConvertOptions
 # itself, so a new ConvertOptions field is a new recipe key with no change here. `finetune` is FinetuneOptions.
 
-HUB_ID_PATTERN = r"^[\w.-]+/[\w.-]+$"
 # ConvertOptions fields that do not live in `target` under their own name; `overwrite` is decided by `run`.
 RECIPE_KEYS = {
     "source": "source.model",
@@ -266,7 +266,7 @@ class PushSection(_Section):
     @field_validator("repo_id")
     @classmethod
     def _hub_id(cls, value: str) -> str:
-        if not re.match(HUB_ID_PATTERN, value):
+        if not HUB_ID.match(value):
             raise ValueError(f"expected a Hub repo id like 'my-org/Model-TPA', got {value!r}")
         return value
 

@@ -9,7 +9,6 @@ model card embeds it.
 
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from . import __version__
 from .card import CardResults, source_license, write_model_card
 from .errors import FactorConvError
 from .evaluate.kv_cache import analytic_kv_bytes_per_token
-from .hub import HUB_FAILURES, folder_problems, push, require_token
+from .hub import HUB_FAILURES, HUB_ID, folder_problems, push, require_token
 from .output_folder import check_output_path, refuse_foreign
 from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
 
@@ -162,7 +161,7 @@ def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
     from .convert.source import resolve_source
 
     model = recipe.source.model
-    if Path(model).expanduser().exists() or not re.match(r"^[\w.-]+/[\w.-]+$", model):
+    if Path(model).expanduser().exists() or not HUB_ID.match(model):
         return resolve_source(model, recipe.source.revision, weights=False), None
     try:
         return resolve_source(model, recipe.source.revision, weights=False), None

@@ -10,10 +10,10 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..errors import FactorConvError, first_of
+from ..hub import HUB_ID
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Tensors some checkpoints carry that no model reads (old transformers saved the RoPE table).
 UNUSED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,7 +29,7 @@ def resolve_source(source: str, revision: str | None = None, weights: bool = Tru
         if not path.is_dir():
             raise FactorConvError(f"source {source} is a file; pass the model folder that holds config.json")
         return path
-    if not _HUB_ID.match(source) or source.startswith((".", "~")):
+    if not HUB_ID.match(source) or source.startswith((".", "~")):
         raise _not_found(source)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (

@@ -4,6 +4,7 @@ import logging
 
 import torch
 
+from ..dtypes import DTYPES
 from ..errors import FactorConvError
 from ..modeling import FactorConvConfig
 from ..recipe import ConvertOptions
@@ -11,17 +12,16 @@ from .source import SourceCheckpoint, source_reference
 
 logger = logging.getLogger("factorconv")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def output_dtype(options: ConvertOptions, source: SourceCheckpoint) -> torch.dtype:
     """The requested dtype, or with 'auto' the source's own (float32 when it declares none)."""
     if options.dtype != "auto":
-        return _DTYPES[options.dtype]
+        return DTYPES[options.dtype]
     declared = getattr(source.config, "dtype", None)
     if isinstance(declared, str):
-        declared = _DTYPES.get(declared)
-    return declared if declared in _DTYPES.values() else torch.float32
+        declared = DTYPES.get(declared)
+    return declared if declared in DTYPES.values() else torch.float32
 
 
 def _check_rank(name: str, rank: int | None, upper: int, what: str) -> None:

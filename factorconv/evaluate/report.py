@@ -7,12 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..convert.source import resolve_source
+from ..dtypes import DTYPES
 from ..errors import FactorConvError, first_of
 from .data import check_token_ids, load_tokens
 from .kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from .perplexity import perplexity
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

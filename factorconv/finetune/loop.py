@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.source import resolve_source
+from ..dtypes import DTYPES
 from ..errors import FactorConvError
 from ..evaluate.data import check_token_ids
 from ..output_folder import check_output_path, publish, refuse_foreign, unwritable
@@ -41,7 +42,6 @@ TOKEN_CACHE = ".token_cache"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "finetune_metrics.jsonl"
 TIMING_KEYS = ("tokens_per_s", "step_seconds", "seconds")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lr_at(step: int, options: FinetuneOptions, total: int, warmup: int) -> float:
