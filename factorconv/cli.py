@@ -116,7 +116,8 @@ def main(ctx: click.Context, quiet: bool) -> None:
     help="Adam steps per layer fitting attention outputs (default with --calib: 200, up to 400 at --kv-budget 0.25 "
     "and below; 0: only a least-squares refit of the output projection).",
 )
-@click.option("--refine-lr", type=float, help="Adam's peak step as a fraction of each tensor's RMS (default 0.04 for tpa, 0.02 for mfa/mfa-kr).")
+@click.option("--refine-lr", type=float,
+              help="Adam's peak step as a fraction of each tensor's RMS (default 0.04 for tpa, 0.02 for mfa/mfa-kr).")
 @click.option("--refine-schedule", type=click.Choice(["warmup-cosine", "constant"]),
               help="Step size over the refinement steps: warmup-cosine (10% warm-up, cosine decay to 10%; the default "
                    "for mfa/mfa-kr) or constant (the default for tpa).")
@@ -246,7 +247,8 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--seq-len", type=int, help="Packed block length (default: the context, at most 2048).")
 @click.option("--batch-size", type=int, help="Blocks per micro-batch on each process.  [default: 8]")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.  [default: 1]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: by model width: 1.28 / hidden size for attention, 0.024 / √hidden size for all]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: by model width: 1.28 / hidden size for "
+              "attention, 0.024 / √hidden size with --trainable all]")
 @click.option("--warmup", type=int, help="Linear warmup steps (default: 5% of the steps), then cosine decay.")
 @click.option("--min-lr-ratio", type=float, help="Cosine floor as a fraction of --lr.  [default: 0.1]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")

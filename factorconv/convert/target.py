@@ -13,7 +13,6 @@ from .source import SourceCheckpoint, source_reference
 logger = logging.getLogger("factorconv")
 
 
-
 def output_dtype(options: ConvertOptions, source: SourceCheckpoint) -> torch.dtype:
     """The requested dtype, or with 'auto' the source's own (float32 when it declares none)."""
     if options.dtype != "auto":

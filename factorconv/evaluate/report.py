@@ -14,7 +14,6 @@ from .kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from .perplexity import perplexity
 
 
-
 @dataclass
 class EvalRow:
     name: str
