@@ -68,7 +68,7 @@ def write_artifacts(
             "converted": target_kv_bytes_per_token(config, size),
         },
         "refine_steps": options.layer_refine_steps,  # resolved: the default depends on calibration and budget
-        "seconds": {stage: round(value, 1) for stage, value in seconds.items()},
+        "seconds": {stage: round(value, 3) for stage, value in seconds.items()},  # ms: tiny models convert in ms
         "layers": [asdict(r) for r in reports],
     }
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
