@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
 from .hub import HUB_ID
 from .modeling import FactorConvConfig
 
@@ -174,8 +175,7 @@ def _kv_bytes(config: FactorConvConfig, report: dict) -> tuple[int, int]:
     if kv:
         return kv["source"], kv["converted"]
     size = _bytes_per_value(config)
-    source = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * size
-    return source, sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * size
+    return source_kv_bytes_per_token(config, size), analytic_kv_bytes_per_token(config, size)
 
 
 def _summary_table(config: FactorConvConfig, report: dict, results: CardResults) -> str:

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..card import CARD_FILE, model_card, source_license
+from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
 from ..modeling import FactorConvConfig
 from ..recipe import ConvertOptions
 from .layers import LayerReport
@@ -26,15 +27,6 @@ TOKENIZER_FILES = (
 )
 REPORT_FILE = "factorconv_report.json"
 RECIPE_FILE = "factorconv_recipe.yaml"
-
-
-def source_kv_bytes_per_token(config: FactorConvConfig, bytes_per_value: int) -> int:
-    """Bytes the source model caches per token: keys and values of every KV head in every layer."""
-    return 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * bytes_per_value
-
-
-def target_kv_bytes_per_token(config: FactorConvConfig, bytes_per_value: int) -> int:
-    return sum(config.kv_cache_width(i) for i in range(config.num_hidden_layers)) * bytes_per_value
 
 
 def copy_modeling_files(folder: Path) -> None:
@@ -65,7 +57,7 @@ def write_artifacts(
         "attention": config.attention,
         "kv_bytes_per_token": {
             "source": source_kv_bytes_per_token(config, size),
-            "converted": target_kv_bytes_per_token(config, size),
+            "converted": analytic_kv_bytes_per_token(config, size),
         },
         "refine_steps": options.layer_refine_steps,  # resolved: the default depends on calibration and budget
         "seconds": {stage: round(value, 3) for stage, value in seconds.items()},  # ms: tiny models convert in ms

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FactorConvError
+from ..evaluate.kv_cache import analytic_kv_bytes_per_token
 from ..factorize.common import cholesky_whitening, input_moment
 from ..factorize.allocate import Component, greedy_allocation, level_allocation, uniform_allocation
 from ..factorize.mfa import key_gains, pair_moments, query_pair_energy, value_gains
@@ -263,8 +264,8 @@ def make_plan(options: ConvertOptions) -> PlanReport:
         options.to,
         plans,
         size,
-        geometry.source_width * geometry.layers * size,
-        sum(p.cache_width for p in plans) * size,
+        analytic_kv_bytes_per_token(source.config, size),
+        analytic_kv_bytes_per_token(config, size),
         source_params,
         target_params,
         serving_note(options, geometry),

@@ -15,11 +15,11 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..card import CARD_FILE, export_card, source_license
-from ..convert.artifacts import copy_tokenizer_files, source_kv_bytes_per_token
+from ..convert.artifacts import copy_tokenizer_files
 from ..convert.source import SourceCheckpoint, resolve_source
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
-from ..evaluate.kv_cache import analytic_kv_bytes_per_token
+from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
 from ..output_folder import check_output, staged_output
 from .deepseek_v3 import DEEPSEEK_V3
 from .formats import ExportFormat, ExportRefused
