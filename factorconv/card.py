@@ -16,11 +16,11 @@ from huggingface_hub import ModelCard, ModelCardData
 from .evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
 from .hub import HUB_ID
 from .modeling import FactorConvConfig
+from .output_folder import REPORT_FILE
 
 logger = logging.getLogger("factorconv")
 
 CARD_FILE = "README.md"
-REPORT_FILE = "factorconv_report.json"
 _PLACEHOLDER = "<this repo>"
 
 

@@ -13,11 +13,10 @@ from huggingface_hub.errors import EntryNotFoundError, HTTPError
 from safetensors import SafetensorError, safe_open
 
 from .errors import FactorConvError
+from .output_folder import INDEX_FILE, SINGLE_FILE
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name: a Hub repository id (the one definition)
 MODELING_FILES = ("configuration_factorconv.py", "modeling_factorconv.py")
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # Left out of uploads: hidden files and folders (editor/OS litter, caches, partial writes).
 IGNORE_PATTERNS = [".*", "*/.*"]
 # What a Hub call raises when the Hub says no or cannot be reached (HTTP status, network, offline, not found, a bad

@@ -19,12 +19,19 @@ from .errors import FactorConvError
 
 logger = logging.getLogger("factorconv")
 
+# Files of an output folder that several writers and readers name (each defined here once).
+REPORT_FILE = "factorconv_report.json"  # what the conversion did, layer by layer
+RECIPE_FILE = "factorconv_recipe.yaml"  # the options that produced the folder
+EXPORT_FILE = "factorconv_export.json"  # an export's provenance; also marks the folder as factorconv's
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
 
 def is_factorconv_output(folder: Path) -> bool:
     """A folder factorconv wrote: a factorconv config.json (converted or fine-tuned), a fine-tuning run's files or
     an export (its factorconv_export.json)."""
     config = folder / "config.json"
-    if config.is_file() and not (folder / "factorconv_export.json").is_file():
+    if config.is_file() and not (folder / EXPORT_FILE).is_file():
         try:
             return json.loads(config.read_text()).get("model_type") == "factorconv"
         except (OSError, ValueError):
@@ -32,7 +39,7 @@ def is_factorconv_output(folder: Path) -> bool:
     return (
         (folder / ".checkpoints").is_dir()
         or (folder / "finetune_metrics.jsonl").is_file()
-        or (folder / "factorconv_export.json").is_file()
+        or (folder / EXPORT_FILE).is_file()
     )
 
 

@@ -21,14 +21,13 @@ from .card import CardResults, source_license, write_model_card
 from .errors import FactorConvError
 from .evaluate.kv_cache import analytic_kv_bytes_per_token
 from .hub import HUB_FAILURES, HUB_ID, folder_problems, push, require_token
-from .output_folder import check_output_path, refuse_foreign
+from .output_folder import RECIPE_FILE, check_output_path, refuse_foreign
 from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
 
 logger = logging.getLogger("factorconv")
 
 STAGE_FILE = "factorconv_run.json"  # {"convert": options, "finetune": options}: what produced the folder
 EVAL_FILE = "factorconv_eval.json"  # {"key": what was evaluated, "results": CardResults fields}
-RECIPE_FILE = "factorconv_recipe.yaml"
 # Options that do not change what a stage computes, left out of its record.
 CONVERT_VOLATILE = {"overwrite", "device"}
 FINETUNE_VOLATILE = {"overwrite", "resume", "device", "save_every", "keep_checkpoints", "eval_every"}

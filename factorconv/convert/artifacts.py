@@ -8,6 +8,7 @@ from pathlib import Path
 from ..card import CARD_FILE, model_card, source_license
 from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
 from ..modeling import FactorConvConfig
+from ..output_folder import RECIPE_FILE, REPORT_FILE
 from ..recipe import ConvertOptions
 from .layers import LayerReport
 
@@ -25,8 +26,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-REPORT_FILE = "factorconv_report.json"
-RECIPE_FILE = "factorconv_recipe.yaml"
 
 
 def copy_modeling_files(folder: Path) -> None:

@@ -11,6 +11,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from ..errors import FactorConvError, first_of
 from ..hub import HUB_ID
+from ..output_folder import INDEX_FILE, SINGLE_FILE
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
@@ -76,7 +77,7 @@ class SourceCheckpoint:
             name = found[0] if found else f"model_type {self.config.model_type!r}"
             raise FactorConvError(f"unsupported architecture {name}; supported: {', '.join(architectures)}")
         self.architecture = found[0]
-        has_files = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
+        has_files = (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
         self._file_of = self._index_tensors() if require_weights or has_files else {}
 
     @property
@@ -88,15 +89,15 @@ class SourceCheckpoint:
         return lambda name: self.tensor(name) if self.has(name) else None
 
     def _index_tensors(self) -> dict[str, Path]:
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise FactorConvError(f"corrupt {index.name} in {self.folder}: {err}") from None
             files = {name: self.folder / shard for name, shard in weight_map.items()}
-        elif (self.folder / "model.safetensors").is_file():
-            files = {name: self.folder / "model.safetensors" for name in self._keys(self.folder / "model.safetensors")}
+        elif (self.folder / SINGLE_FILE).is_file():
+            files = {name: self.folder / SINGLE_FILE for name in self._keys(self.folder / SINGLE_FILE)}
         else:
             raise FactorConvError(
                 f"no model.safetensors or model.safetensors.index.json in {self.folder}; "

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import FactorConvError
+from ..output_folder import INDEX_FILE, SINGLE_FILE
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -59,8 +60,8 @@ class ShardedWriter:
             self._flush()
         count = len(self._shards)
         if count == 1:
-            self._shards[0][0].rename(self.folder / "model.safetensors")
-            return ["model.safetensors"]
+            self._shards[0][0].rename(self.folder / SINGLE_FILE)
+            return [SINGLE_FILE]
         weight_map, names = {}, []
         for i, (path, tensor_names) in enumerate(self._shards, start=1):
             name = f"model-{i:05d}-of-{count:05d}.safetensors"
@@ -68,5 +69,5 @@ class ShardedWriter:
             names.append(name)
             weight_map.update({tensor: name for tensor in tensor_names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return names

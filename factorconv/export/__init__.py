@@ -20,13 +20,12 @@ from ..convert.source import SourceCheckpoint, resolve_source
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
 from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
-from ..output_folder import check_output, staged_output
+from ..output_folder import EXPORT_FILE, check_output, staged_output
 from .deepseek_v3 import DEEPSEEK_V3
 from .formats import ExportFormat, ExportRefused
 from .llama import LLAMA
 
 FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (DEEPSEEK_V3, LLAMA)}
-EXPORT_FILE = "factorconv_export.json"  # provenance; also marks the folder as factorconv's for --overwrite
 _ATTENTION = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
 
 logger = logging.getLogger("factorconv")

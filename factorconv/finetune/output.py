@@ -14,15 +14,15 @@ import yaml
 from safetensors import safe_open
 
 from ..card import CARD_FILE, CardResults, model_card, source_license
-from ..convert.artifacts import RECIPE_FILE, REPORT_FILE, copy_modeling_files, copy_tokenizer_files
+from ..convert.artifacts import copy_modeling_files, copy_tokenizer_files
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
 from ..modeling import FactorConvConfig
+from ..output_folder import INDEX_FILE, RECIPE_FILE, REPORT_FILE, SINGLE_FILE
 from .trainable import merge_lora_state_dict
 
 SUMMARY_FILE = "finetune_summary.json"
 ADAPTER_DIR = "adapter"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def checkpoint_tensor_names(folder: Path) -> set[str]:
@@ -30,7 +30,7 @@ def checkpoint_tensor_names(folder: Path) -> set[str]:
     index = folder / INDEX_FILE
     if index.is_file():
         return set(json.loads(index.read_text())["weight_map"])
-    single = folder / "model.safetensors"
+    single = folder / SINGLE_FILE
     if not single.is_file():
         raise FactorConvError(f"no model.safetensors or {INDEX_FILE} in {folder}")
     with safe_open(single, framework="pt") as f:
