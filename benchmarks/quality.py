@@ -29,7 +29,7 @@ from factorconv.convert.calibrate import calibration_tokens
 from factorconv.evaluate.baselines import mean_pooled_gqa
 from factorconv.evaluate.data import load_tokens
 from factorconv.errors import FactorConvError
-from factorconv.recipe import REFINE_DEFAULTS, ConvertOptions
+from factorconv.recipe import REFINE_DEFAULTS_TEXT, ConvertOptions
 
 SMOLLM2 = Path(os.environ.get("SMOLLM2", "~/.cache/factorconv/smollm2"))
 WIKITEXT = REAL / "wikitext-2-raw-canonical" / "wiki.test.raw"
@@ -135,11 +135,10 @@ def evaluate_model(name: str, spec: dict, args: argparse.Namespace, data_dir: Pa
         f"{b:.1%}: {budgeted.model_copy(update={'kv_budget': b}).layer_refine_steps}"
         for b in spec.get("budgets", BUDGETS))
     allocation = args.allocation or budgeted.allocation  # what the default resolves to with a budget
-    lrs = ", ".join(f"{t} {REFINE_DEFAULTS[t][0]:g} {REFINE_DEFAULTS[t][1]}" for t in args.targets)
     print(f"\n### {name}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
           f"calibration {spec['calib'].name} ({shape[0]} x {shape[1]} tokens), "
-          f"refinement steps/layer {steps}, peak step (of each tensor's RMS) and schedule {lrs}, allocation {allocation} (--mla/--mqa: "
-          f"uniform); fp32; {machine()}\n")
+          f"refinement steps/layer {steps}, peak step (of each tensor's RMS) and schedule {REFINE_DEFAULTS_TEXT}, "
+          f"allocation {allocation} (--mla/--mqa: uniform); fp32; {machine()}\n")
     print("| budget | method | KV bytes/token | perplexity | ratio | convert s |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:

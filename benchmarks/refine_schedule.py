@@ -65,9 +65,8 @@ def main() -> None:
                     continue  # this target cannot reach this budget
                 raise
             ppl = perplexity(model, tokens, spec["seq_len"], progress=False)
-            print(f"| {target} | {budget:.1%} | {resolved.refine_schedule} | {resolved.refine_lr:g} | {resolved.layer_refine_steps} | "
-                  f"{ppl:.3f} | {ppl / base:.3f}x | "
-                  f"{seconds:.1f} |", flush=True)
+            print(f"| {target} | {budget:.1%} | {resolved.refine_schedule} | {resolved.refine_lr:g} | "
+                  f"{resolved.layer_refine_steps} | {ppl:.3f} | {ppl / base:.3f}x | {seconds:.1f} |", flush=True)
             del model
 
 

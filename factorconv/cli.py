@@ -9,6 +9,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import __version__
 from .errors import FactorConvError
+from .recipe import REFINE_DEFAULTS_TEXT
 
 
 ARGUMENTS = {"source", "output", "model", "recipe", "folder", "repo_id"}  # positional: named as in --help
@@ -117,10 +118,10 @@ def main(ctx: click.Context, quiet: bool) -> None:
     "and below; 0: only a least-squares refit of the output projection).",
 )
 @click.option("--refine-lr", type=float,
-              help="Adam's peak step as a fraction of each tensor's RMS (default 0.04 for tpa, 0.02 for mfa/mfa-kr).")
+              help=f"Adam's peak step as a fraction of each tensor's RMS (default: {REFINE_DEFAULTS_TEXT}).")
 @click.option("--refine-schedule", type=click.Choice(["warmup-cosine", "constant"]),
-              help="Step size over the refinement steps: warmup-cosine (10% warm-up, cosine decay to 10%; the default "
-                   "for mfa/mfa-kr) or constant (the default for tpa).")
+              help=f"Step size over the refinement steps: warmup-cosine (10% warm-up, cosine decay to 10%) or "
+                   f"constant (default: {REFINE_DEFAULTS_TEXT}).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the source's), float32, bfloat16, float16.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the factorization: cpu, cuda, auto.")

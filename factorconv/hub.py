@@ -166,9 +166,14 @@ def push(
             ignore_patterns=IGNORE_PATTERNS,
         )
     except HUB_FAILURES as err:  # HTTP, network and validation errors: expected, one line; anything else is a bug
-        raise FactorConvError(f"push to {repo_id} failed: {_redact(_first_line(err))}") from None
+        raise FactorConvError(f"push to {repo_id} failed: {failure_line(err)}") from None
     url = getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
     return _redact(str(url))
+
+
+def failure_line(err: Exception) -> str:
+    """A Hub failure in one line, with a hint for auth errors and the token (if it appears) masked."""
+    return _redact(_first_line(err))
 
 
 def _first_line(err: Exception) -> str:

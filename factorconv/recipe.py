@@ -27,6 +27,7 @@ WIDTH_OPTIONS = {"rank_k", "rank_v", "key_dim", "value_dim", "rope_dim", "nope_d
 REFINE_DEFAULTS: dict[str, tuple[float, str]] = {
     "tpa": (0.04, "constant"), "mfa": (0.02, "warmup-cosine"), "mfa_kr": (0.02, "warmup-cosine"),
 }
+REFINE_DEFAULTS_TEXT = "; ".join(f"{kind} {lr:g} {schedule}" for kind, (lr, schedule) in REFINE_DEFAULTS.items())
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -102,12 +103,12 @@ class ConvertOptions(BaseModel):
     refine_lr: float | None = Field(
         default=None, gt=0, le=1,
         description="Adam's peak step as a fraction of each tensor's RMS (Adam moves every element by about its lr; "
-        "default: 0.04 for tpa, 0.02 for mfa and mfa_kr)",
+        f"default per target: {REFINE_DEFAULTS_TEXT})",
     )
     refine_schedule: Literal["warmup-cosine", "constant"] | None = Field(
         default=None,
         description="refinement step size over the steps: linear warm-up over the first 10% then cosine decay to "
-        "10% of refine_lr, or constant (default: constant for tpa, warmup-cosine for mfa and mfa_kr)",
+        f"10% of refine_lr, or constant (default per target: {REFINE_DEFAULTS_TEXT})",
     )
     dtype: DType = "auto"
     max_shard_size: str = "2GB"

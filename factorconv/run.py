@@ -20,7 +20,7 @@ from . import __version__
 from .card import CardResults, source_license, write_model_card
 from .errors import FactorConvError
 from .evaluate.kv_cache import analytic_kv_bytes_per_token
-from .hub import HUB_FAILURES, HUB_ID, folder_problems, push, require_token
+from .hub import HUB_FAILURES, HUB_ID, failure_line, folder_problems, push, require_token
 from .output_folder import RECIPE_FILE, check_output_path, refuse_foreign
 from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
 
@@ -407,9 +407,8 @@ def _license(recipe: Recipe) -> str | None:
     try:
         card = hf_hub_download(recipe.source.model, "README.md", revision=recipe.source.revision)
     except HUB_FAILURES as err:  # offline, gated, no card: say so, and publish without a license line
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         logger.warning("no license for the model card: %s's README.md could not be read (%s)",
-                       recipe.source.model, message)
+                       recipe.source.model, failure_line(err))
         return None
     return source_license(Path(card).parent)
 
