@@ -9,6 +9,8 @@ conversions), bf16, HF `generate`, greedy. For each model and batch × context c
     time is the median gap over `--steps` steps (after `--skip` warm-up steps, which hold the compilation of the
     static-cache decode), with the 10th–90th percentile;
   - prefill: time to the first timestamp, median of the main run and `--prefill-repeats` more;
+  - GPU busy (dynamic cache): the summed kernel time of a decode step under the profiler; the rest of the step
+    is the GPU waiting for the host to launch kernels (HF's eager loop);
   - peak memory (max allocated during the main run), parameter bytes, cache bytes measured from the cache that
     generate returned, and the memory floor of a step, (parameter + cache bytes) / read bandwidth, the bandwidth
     measured in the same run (a large bf16 reduction, median of 20);
@@ -39,7 +41,7 @@ from factorconv.convert.plan import allocate_widths  # noqa: E402
 from factorconv.convert.source import SourceCheckpoint  # noqa: E402
 from factorconv.convert.target import build_target_config  # noqa: E402
 from factorconv.evaluate.kv_cache import cache_bytes  # noqa: E402
-from factorconv.modeling import FactorConvForCausalLM, output_cache  # noqa: E402
+from factorconv.modeling import CACHE_KEY, FactorConvForCausalLM, output_cache  # noqa: E402
 from factorconv.modeling.modeling_factorconv import single_head_attention  # noqa: E402
 from factorconv.recipe import ConvertOptions  # noqa: E402
 
@@ -140,6 +142,7 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
     sync(device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     cached = cache_bytes(output_cache(out))
+    busy = gpu_busy_per_step(model, out) if device.type == "cuda" and cache == "dynamic" else None
     prefills = [clock.stamps[0] - start]
     del out
     for _ in range(args.prefill_repeats):
@@ -153,7 +156,26 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
         "batch": batch, "context": context, "cache": cache, "cache_bytes": cached, "peak_bytes": peak, "resting_bytes": resting,
         "prefill_s": statistics.median(prefills), "prefill_min_s": min(prefills), "prefill_max_s": max(prefills),
         "step_s": statistics.median(gaps), "step_p10_s": quantiles[0], "step_p90_s": quantiles[-1], "steps": len(gaps),
+        "gpu_busy_s": busy,
     }
+
+
+def gpu_busy_per_step(model, out, steps: int = 5) -> float:
+    """Summed GPU kernel time of one dynamic-cache decode step, s (model forward on the cache generate returned,
+    under the profiler, mean of `steps`): beside the step's wall time it says how much of the step the GPU works
+    and how much it waits for the host to launch kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, token = output_cache(out), out.sequences[:, -1:]
+    length = cache.get_seq_length()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            mask = torch.ones(token.shape[0], length + i + 1, dtype=torch.long, device=token.device)
+            logits = model(token, attention_mask=mask, use_cache=True, logits_to_keep=1, **{CACHE_KEY: cache}).logits
+            token = logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e6 / steps
 
 
 @torch.no_grad()
@@ -275,8 +297,8 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
     where = f"read bandwidth {bandwidth / 1e9:,.0f} GB/s" if bandwidth else "no memory floor on a CPU"
     print(f"\n{result['machine']}, bf16, {result['shapes']} shapes (random weights), HF generate, greedy; {where}\n")
     print("| batch × context | cache | model | params GB | cache GiB | peak GiB | prefill s | decode step ms (p10–p90) "
-          "| vs source | % of memory floor |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| GPU busy ms | vs source | % of memory floor |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     cells = sorted({(c["batch"], c["context"], c["cache"]) for m in result["models"] for c in m["cells"]},
                    key=lambda c: (c[1] * c[0], c[2]))
     for batch, context, cache in cells:
@@ -287,13 +309,14 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
                 continue
             where = f"| {batch} × {context // 1024}K | {cache} | {model['model']} | {model['param_bytes'] / 1e9:.1f} |"
             if cell.get("oom"):
-                print(f"{where} out of memory | | | | | |")
+                print(f"{where} out of memory | | | | | | |")
                 continue
             if model["model"].startswith("source"):
                 base = cell["step_s"]
             floor = f"{(model['param_bytes'] + cell['cache_bytes']) / bandwidth / cell['step_s']:.0%}" if bandwidth else ""
             versus = f"{cell['step_s'] / base:.2f}×" if base else ""
             peak = f"{cell['peak_bytes'] / 2**30:.1f}" if cell["peak_bytes"] is not None else ""
+            busy = f"{cell['gpu_busy_s'] * 1e3:.1f}" if cell.get("gpu_busy_s") else ""
             print(f"{where} {cell['cache_bytes'] / 2**30:.2f} | {peak} | {cell['prefill_s']:.2f} | "
                   f"{cell['step_s'] * 1e3:.1f} ({cell['step_p10_s'] * 1e3:.1f}–{cell['step_p90_s'] * 1e3:.1f}) | "
                   f"{versus} | {floor} |")

@@ -87,7 +87,7 @@ def test_chunked_prefill_equals_uncached(models, kind):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_compiled_static_decode_equals_uncached(models, kind):
     """generate's own compilation of the decode step over a static cache (what it does on a GPU; fullgraph, so a
-    graph break fails) gives the uncached tokens. Each kind compiles its decode step once, ~10 s on a CPU."""
+    graph break fails), after a chunked prefill, gives the uncached tokens. Each kind compiles its decode step once, ~10 s on a CPU."""
     from transformers import CompileConfig
 
     model = copy.deepcopy(models[kind])
@@ -96,7 +96,8 @@ def test_compiled_static_decode_equals_uncached(models, kind):
     compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = greedy(model, ids, mask, cache_implementation="static", compile_config=compile_config)
+    compiled = greedy(model, ids, mask, cache_implementation="static", compile_config=compile_config,
+                      prefill_chunk_size=4)  # chunked: generate pre-sizes the static cache unless the model says no
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really was compiled
     uncached = greedy(model, ids, mask, use_cache=False)
     assert torch.equal(compiled.sequences, uncached.sequences)

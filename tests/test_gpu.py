@@ -56,11 +56,11 @@ def test_cuda_generation_from_factor_cache(options, converted, load_model):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no padding", "left padding"])
-@pytest.mark.parametrize("options", TARGETS[1:], ids=lambda o: o["to"])
+@pytest.mark.parametrize("options", [*TARGETS, dict(to="tpa", rank_k=1, rank_v=1, contextual=True)], ids=str)
 def test_cuda_prefill_through_cudnn_equals_transformers_sdpa(options, padded, converted, monkeypatch):
-    """MFA/MFA-KR prefill hands SDPA the grouped key/value heads (and MFA-KR's values narrower than its keys) where
-    cuDNN takes them; the fallback goes through transformers' wrapper (heads repeated under a mask, values padded).
-    Both compute the same attention."""
+    """Prefill hands SDPA the rebuilt key/value heads as they are (MFA/MFA-KR: grouped; MFA-KR's values narrower
+    than its keys; TPA: one per query head) where cuDNN takes them; the fallback goes through transformers'
+    wrapper (heads repeated under a mask, values padded). Both compute the same attention."""
     from transformers import AutoModelForCausalLM
 
     from factorconv.modeling import modeling_factorconv as modeling

@@ -228,6 +228,30 @@ def cudnn_attention_applies(
     return torch.backends.cuda.can_use_cudnn_attention(params, False)
 
 
+def prefill_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prefill/training attention over (B, H, L, W) queries and (B, G, T, ·) rebuilt keys/values: under SDPA through
+    cuDNN where it takes the shapes as they are (grouped heads under a mask, values narrower than keys), else the
+    configured attention, with values padded to the key width for the fused kernels (as DeepSeek-V3's flash path
+    does). Returns (B, L, H, V) and the probabilities under eager attention."""
+    if module.config._attn_implementation == "sdpa":
+        mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
+        causal_alignment = mask is not None or key.shape[-2] == query.shape[-2]  # is_causal aligns top-left
+        if causal_alignment and cudnn_attention_applies(query, key, value, mask):
+            dropout = module.attention_dropout if module.training else 0.0
+            out = nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=dropout, scale=module.scaling, is_causal=mask is None,
+                enable_gqa=True,
+            )
+            return out.transpose(1, 2), None
+    width = value.shape[-1]
+    if key.shape[-1] != width and module.config._attn_implementation != "eager":
+        value = nn.functional.pad(value, (0, key.shape[-1] - width))
+    out, weights = registry_attention(module, query, key, value, attention_mask, **kwargs)
+    return out[..., :width], weights
+
+
 def fused_decode_applies(key: torch.Tensor) -> bool:
     """Whether SDPA's fused kernel is the fastest way through a decode step over one cached head of equal key and
     value widths: on a CPU it is (it takes any mask and width); on a GPU two matrix products beat every SDPA kernel
@@ -386,7 +410,7 @@ class FactorConvTPAAttention(nn.Module):
                 out, weights = self.factor_attention(query, key_factors, value_factors, attention_mask)
             else:
                 keys, values = TensorProduct.mix(*key_factors), TensorProduct.mix(*value_factors)
-                out, weights = registry_attention(self, query, keys, values, attention_mask, **kwargs)
+                out, weights = prefill_attention(self, query, keys, values, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, -1)), weights
 
 
@@ -499,22 +523,7 @@ class SharedKVAttention(nn.Module):
             key = torch.cat([key, nope @ self.key_up.transpose(1, 2)], dim=-1)
             query = torch.cat([query, plain_query], dim=-1)
         value = value @ self.value_up.transpose(1, 2)  # (B, g, T, D)
-        width = value.shape[-1]
-        if self.config._attn_implementation == "sdpa":
-            mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-            causal_alignment = mask is not None or key.shape[-2] == query.shape[-2]  # is_causal aligns top-left
-            if causal_alignment and cudnn_attention_applies(query, key, value, mask):
-                dropout = self.attention_dropout if self.training else 0.0
-                out = nn.functional.scaled_dot_product_attention(
-                    query, key, value, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=mask is None,
-                    enable_gqa=True,
-                )
-                return out.transpose(1, 2), None
-        if key.shape[-1] != width and self.config._attn_implementation != "eager":
-            # Fused kernels (flash) want equal key and value widths: pad the values, as DeepSeek-V3's flash path does.
-            value = nn.functional.pad(value, (0, key.shape[-1] - width))
-        out, weights = registry_attention(self, query, key, value, attention_mask, **kwargs)
-        return out[..., :width], weights
+        return prefill_attention(self, query, key, value, attention_mask, **kwargs)
 
     def _absorbed(self, query, cos, sin, key_row, nope, value, attention_mask):
         """Decoding: the maps move into the query and the output; one attention over the single cached head."""
@@ -694,6 +703,13 @@ class FactorConvForCausalLM(FactorConvPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _get_static_cache_init_shape(self) -> None:
+        """No (heads, head_dim) shape: generate then sizes a static cache from the first rows it stores. Our cached
+        key and value rows are factor rows whose widths differ from each other and by layer, which one head count
+        and head size cannot say; generate's chunked prefill would otherwise pre-size every layer from
+        num_key_value_heads × head_dim and fail on the first write."""
+        return None
 
     @can_return_tuple
     def forward(
