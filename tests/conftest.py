@@ -10,6 +10,7 @@ import os
 
 # Offline before huggingface_hub is imported (it reads these once): no test may reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets' own switch (it also honours HF_HUB_OFFLINE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dataclasses import dataclass  # noqa: E402
