@@ -260,13 +260,13 @@ def _tiny_config() -> dict:
                 num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-@pytest.mark.parametrize("model", ["stories260K-hf", "pycode-27M-hf"])
+@pytest.mark.parametrize("model", [
+    pytest.param(m, marks=pytest.mark.real(REAL / m / "config.json")) for m in ("stories260K-hf", "pycode-27M-hf")
+])
 def test_real_models_export(tmp_path, model):
     """The real checkpoints, weight-only (the export is exact whatever the init): MFA-KR → DeepSeek-V3 and
     MFA → Llama MQA load with stock transformers, outside factorconv, and match."""
     source = REAL / model
-    if not (source / "config.json").is_file():
-        pytest.skip(f"{source} not present")
     head_dim = 8 if model.startswith("stories") else 64
     shape = f"{2 * head_dim}+{head_dim // 2}"
     jobs, runs = [], []

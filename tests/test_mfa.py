@@ -166,3 +166,38 @@ def test_a_folder_in_the_old_absorbed_layout_is_refused(target, converted, tmp_p
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="absorbed layout.*trust_remote_code=True.*convert it again"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("target", ["mfa", "mfa_kr"])
+def test_eager_attention_full_width_probabilities_and_cached_greedy(target, source_dirs, converted, load_model):
+    """attn_implementation="eager" (the path that returns attention probabilities): at full width logits and
+    every layer's probabilities are the source's, left padding included; at reduced width cached greedy decoding
+    gives the uncached tokens. (test_decode_paths.py checks eager decode steps on random layers; this is the
+    converted checkpoints.)"""
+    source = load_model(source_dirs["llama_gqa"], attn_implementation="eager")
+    model = load_model(converted("llama_gqa", **TARGETS[target]), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    ids = random_ids(2, 20, seed=31)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding; fully masked query rows are arbitrary, so compare the real ones only
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, output_attentions=True)
+        expected = source(ids, attention_mask=mask, output_attentions=True)
+    keep = mask.bool()
+    torch.testing.assert_close(got.logits[keep], expected.logits[keep], atol=1e-4, rtol=0)
+    assert len(got.attentions) == model.config.num_hidden_layers
+    for probs, reference in zip(got.attentions, expected.attentions):
+        assert probs.shape == (2, model.config.num_attention_heads, 20, 20)
+        torch.testing.assert_close(probs[0], reference[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(probs[1, :, 4:], reference[1, :, 4:], atol=1e-5, rtol=0)
+        assert float(probs[1, :, 4:, :4].abs().max()) == 0.0  # padded keys get no weight
+
+    reduced = load_model(converted("llama_gqa", **REDUCED[target]), attn_implementation="eager")
+    prompt = random_ids(2, 9, seed=32)
+    options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                   pad_token_id=0)
+    with torch.no_grad():
+        cached = reduced.generate(prompt, use_cache=True, return_dict_in_generate=True, **options)
+        uncached = reduced.generate(prompt, use_cache=False, **options)
+    assert torch.equal(cached.sequences, uncached)
+    assert output_cache(cached).layers[0].keys.shape[-1] < 2 * 16  # the factor cache, not the source's K

@@ -1,6 +1,6 @@
 """A real pretrained checkpoint (stories260K, GQA 8 heads / 4 KV heads, tied embeddings) and real text.
 
-Skipped when ../shared/real (beside the checkout) is absent.
+Skipped when ../shared/real (beside the checkout) is absent; fails then if FACTORCONV_REQUIRE_REAL is set (CI).
 """
 
 import json
@@ -20,12 +20,7 @@ from factorconv.recipe import ConvertOptions
 SOURCE = REAL / "stories260K-hf"
 VALID_TEXT = REAL / "tinystories" / "TinyStories-valid.txt"
 
-pytestmark = [
-    pytest.mark.real,
-    pytest.mark.skipif(
-        not (SOURCE / "config.json").is_file() or not VALID_TEXT.is_file(), reason="needs ../shared/real"
-    ),
-]
+pytestmark = pytest.mark.real(SOURCE / "config.json", VALID_TEXT)  # conftest skips or fails without them
 
 SEQ_LEN, MAX_TOKENS = 256, 4096
 
