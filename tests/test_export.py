@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from factorconv.cli import main
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.errors import FactorConvError
 from factorconv.export import EXPORT_FILE, ExportRefused, export
 from factorconv.factorize.key_reuse import latent_norm_weight
 from factorconv.modeling import FactorConvConfig
-from factorconv.recipe import ConvertOptions, parse_recipe
+from factorconv.recipe import parse_recipe
 
 MLA = dict(to="mfa_kr", mla=True, mla_shape="24+8")  # head dim 16: RoPE part 8 (every other pair), latent 24
 MQA = dict(to="mfa", mqa=True)
