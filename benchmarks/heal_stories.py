@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import factorconv
 from factorconv.convert import convert
 from factorconv.convert.options import ConvertOptions
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.finetune import FinetuneOptions, finetune
 
 

@@ -29,7 +29,7 @@ from factorconv.convert.calibrate import calibration_tokens
 from factorconv.convert.options import ConvertOptions
 from factorconv.errors import FactorConvError
 from factorconv.evaluate.baselines import mean_pooled_gqa
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.kinds import REFINE_DEFAULTS_TEXT
 
 SMOLLM2 = Path(os.environ.get("SMOLLM2", "~/.cache/factorconv/smollm2"))

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factorconv.convert.options import ConvertOptions
 from factorconv.errors import FactorConvError
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.evaluate.perplexity import perplexity
 
 

@@ -155,7 +155,7 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
 
 def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
     """The folder with the source's config.json (a Hub id fetches config.json only), or None and why not."""
-    from .convert.source import resolve_source
+    from .model_folder import resolve_source
 
     model = recipe.source.model
     if Path(model).expanduser().exists() or not HUB_ID.match(model):
@@ -361,8 +361,8 @@ def _finetune(options, final: Path, progress: bool, may_resume: bool) -> None:
 
 def _eval_stage(recipe: Recipe, records: dict, progress: bool, echo: Callable[[str], None]) -> CardResults:
     from .convert.device import resolve_device
-    from .convert.source import resolve_source
     from .evaluate.report import evaluate, format_table
+    from .model_folder import resolve_source
 
     spec = recipe.eval
     key = {"eval": spec.model_dump(mode="json"), **records}

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from factorconv.convert import convert
 from factorconv.convert.artifacts import REPORT_FILE
 from factorconv.convert.options import ConvertOptions
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from factorconv.evaluate.perplexity import perplexity
 

@@ -136,10 +136,10 @@ def make_plan(options: ConvertOptions) -> PlanReport:
     """Allocate widths for `options.kv_budget`; from config.json alone when the weights are not needed/present."""
     from transformers import AutoModelForCausalLM
 
+    from ..model_folder import resolve_source
     from ..modeling import FactorConvForCausalLM
     from .calibrate import calibration_tokens
     from .device import resolve_device
-    from .source import resolve_source
     from .target import build_target_config, output_dtype
 
     device = resolve_device(options.device)

@@ -6,9 +6,10 @@ import torch
 
 from ..dtypes import DTYPES
 from ..kinds import Geometry
+from ..model_folder import source_reference
 from ..modeling import FactorConvConfig
 from .options import ConvertOptions
-from .source import SourceCheckpoint, source_reference
+from .source import SourceCheckpoint
 
 logger = logging.getLogger("factorconv")
 
