@@ -51,7 +51,7 @@ def test_full_rank_perplexity_equals_source(real):
     out = real["convert"]("full")
     model = _load(out)
     assert model.config.tie_word_embeddings
-    assert model.config.tpa_rank_k == [4] * 5 and model.config.num_key_value_heads == 4
+    assert model.config.tpa_rank_k == [4] * 5 and model.config.source_num_key_value_heads == 4
     tokens = real["tokens"]
     assert tokens.numel() == MAX_TOKENS
     assert tokens[0].item() == real["tokenizer"].bos_token_id

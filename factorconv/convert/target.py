@@ -64,7 +64,7 @@ def build_target_config(
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=geometry.heads,
-        num_key_value_heads=geometry.kv_heads,
+        source_num_key_value_heads=geometry.kv_heads,
         head_dim=geometry.head_dim,
         hidden_act=cfg.hidden_act,
         max_position_embeddings=cfg.max_position_embeddings,

@@ -107,7 +107,7 @@ def per_head(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def group_of_heads(config: FactorConvConfig) -> torch.Tensor:
-    return torch.arange(config.num_attention_heads) // (config.num_attention_heads // config.num_key_value_heads)
+    return torch.arange(config.num_attention_heads) // (config.num_attention_heads // config.source_num_key_value_heads)
 
 
 def _double(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -111,13 +111,8 @@ class TargetKind:
 
     # --- planning -----------------------------------------------------------------------------------------------
 
-    def components(
-        self,
-        geometry: Geometry,
-        options: ConvertOptions,
-        src: SourceAttention | None = None,
-        moment: torch.Tensor | None = None,
-    ) -> list[Component]:
+    def components(self, geometry: Geometry, options: ConvertOptions, src: SourceAttention | None = None,
+                   moment: torch.Tensor | None = None) -> list[Component]:
         """What one layer can spend width on, with gain curves from its weights (flat without weights) and the
         calibration moment when given."""
         raise NotImplementedError

@@ -56,7 +56,7 @@ class MFAKind(SharedKVKind):
         when given); the source's q_proj and o_proj stay, with per-group maps into the merged key (`rope_mix`) and
         out of the value basis (`value_up`). Built to serve as a Llama with one KV head, the merge keeps one key
         pair per source frequency, in order."""
-        heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        heads, groups, head_dim = config.num_attention_heads, config.source_num_key_value_heads, config.head_dim
         k_weight, k_bias = src.weight("k"), src.bias("k")
         moment = stats.moment if stats is not None else None
         energy = None

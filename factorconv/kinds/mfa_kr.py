@@ -110,7 +110,7 @@ class MFAKRKind(SharedKVKind):
         attention-output error. Built to serve as DeepSeek-V3 (MLA), the rotated part keeps one direction per
         frequency of the standard sequence of its width and the latent is normalised (`latent_norm`, scale fitted
         on the calibration inputs)."""
-        heads, groups = config.num_attention_heads, config.num_key_value_heads
+        heads, groups = config.num_attention_heads, config.source_num_key_value_heads
         rotary = FactorConvRotaryEmbedding(config)
         phase = phase_average(rotary.inv_freq.to(src.device), config.max_position_embeddings, rotary.attention_scaling)
         q, k, v, o = ((src.weight(p), src.bias(p)) for p in "qkvo")

@@ -44,13 +44,8 @@ class SharedKVKind(TargetKind):
         if options.allocation not in ("auto", "uniform"):
             raise ValueError(f"{flag} needs the same widths in every layer: drop allocation {options.allocation}")
 
-    def components(
-        self,
-        geometry: Geometry,
-        options: ConvertOptions,
-        src: SourceAttention | None = None,
-        moment: torch.Tensor | None = None,
-    ) -> list[Component]:
+    def components(self, geometry: Geometry, options: ConvertOptions, src: SourceAttention | None = None,
+                   moment: torch.Tensor | None = None) -> list[Component]:
         g, d, h = geometry.kv_heads, geometry.head_dim, geometry.heads
         key_name, value_name = self.widths
         if src is None:

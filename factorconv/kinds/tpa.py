@@ -48,13 +48,8 @@ class TPAKind(TargetKind):
         return dict(tpa_rank_k=options.rank_k, tpa_rank_v=options.rank_v, tpa_rank_q=options.rank_q,
                     tpa_contextual=options.contextual)
 
-    def components(
-        self,
-        geometry: Geometry,
-        options: ConvertOptions,
-        src: SourceAttention | None = None,
-        moment: torch.Tensor | None = None,
-    ) -> list[Component]:
+    def components(self, geometry: Geometry, options: ConvertOptions, src: SourceAttention | None = None,
+                   moment: torch.Tensor | None = None) -> list[Component]:
         g, h = geometry.kv_heads, geometry.heads
         per_rank = geometry.head_dim + (h if options.contextual else 0)
         if src is None:
@@ -73,7 +68,7 @@ class TPAKind(TargetKind):
         With calibration statistics the SVD is input-whitened (error measured on real inputs, SVD-LLM style);
         with init "als" contextual factors are then fitted to the calibration keys/values (factorize/tpa_als.py).
         """
-        heads, groups, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+        heads, groups, hidden = config.num_attention_heads, config.source_num_key_value_heads, config.hidden_size
         out: dict[str, torch.Tensor] = {}
         errors: dict[str, float] = {}
         rank_q = config.tpa_rank_q[layer] if config.tpa_rank_q else None
