@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import factorconv
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from factorconv.evaluate.perplexity import perplexity
-from factorconv.recipe import ConvertOptions
 
 # ../shared/real beside the checkout; FACTORCONV_REAL points elsewhere (e.g. a copy carried to a GPU machine)
 REAL = Path(os.environ.get("FACTORCONV_REAL", Path(__file__).resolve().parents[2] / "shared" / "real"))

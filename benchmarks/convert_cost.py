@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import LLAMA_3_2_1B, machine
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import LLAMA_3_2_1B, machine
 from factorconv.convert import convert
-from factorconv.recipe import ConvertOptions
+from factorconv.convert.options import ConvertOptions
 
 METHODS = {
     "TPA stats+refine (default)": dict(to="tpa"),

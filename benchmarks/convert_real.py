@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import machine, text_slice
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.evaluate.perplexity import perplexity
 from quality import MODELS, SMOLLM2, model_spec
 

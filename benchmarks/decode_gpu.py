@@ -37,13 +37,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsP
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLAMA_3_1_8B, LLAMA_3_2_1B, TINY_LLAMA, machine  # noqa: E402
 
+from factorconv.convert.options import ConvertOptions  # noqa: E402
 from factorconv.convert.plan import allocate_widths  # noqa: E402
 from factorconv.convert.source import SourceCheckpoint  # noqa: E402
 from factorconv.convert.target import build_target_config  # noqa: E402
 from factorconv.evaluate.kv_cache import cache_bytes  # noqa: E402
 from factorconv.modeling import CACHE_KEY, FactorConvForCausalLM, output_cache  # noqa: E402
 from factorconv.modeling.modeling_factorconv import single_head_attention  # noqa: E402
-from factorconv.recipe import ConvertOptions  # noqa: E402
 
 SHAPES = {"8b": LLAMA_3_1_8B, "1b": LLAMA_3_2_1B, "tiny": TINY_LLAMA}
 TARGETS = ("tpa", "mfa", "mfa-kr")

@@ -25,16 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import LLAMA_3_2_1B
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import factorconv
-from common import LLAMA_3_2_1B
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.finetune import FinetuneOptions, finetune
 from factorconv.finetune.loop import METRICS_FILE
 from factorconv.finetune.trainable import trainable_modules
-from factorconv.recipe import ConvertOptions
 
 TINY = dict(
     LLAMA_3_2_1B,

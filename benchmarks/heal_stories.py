@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import REAL, measure
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import factorconv
-from common import REAL, measure
 from factorconv.convert import convert
-from factorconv.evaluate.data import load_tokens
+from factorconv.convert.options import ConvertOptions
+from factorconv.data import load_tokens
 from factorconv.finetune import FinetuneOptions, finetune
-from factorconv.recipe import ConvertOptions
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import convert_and_load, machine, text_slice
 from factorconv.convert.calibrate import AsSourceAttention
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.evaluate.perplexity import perplexity
 from quality import MODELS, SMOLLM2, model_spec
 

@@ -18,7 +18,7 @@ from quality import MODELS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import factorconv.convert.pipeline as pipeline
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 
 BUILD_CONFIG = pipeline.build_target_config
 

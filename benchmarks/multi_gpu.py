@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-
 from common import LLAMA_3_2_1B
 from finetune_throughput import build_source
+from safetensors.torch import load_file
+
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE
-from factorconv.recipe import ConvertOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 

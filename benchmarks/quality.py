@@ -22,14 +22,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import REAL, convert_and_load, machine, measure, text_slice
 from transformers import AutoModelForCausalLM
 
-from common import REAL, convert_and_load, machine, measure, text_slice
 from factorconv.convert.calibrate import calibration_tokens
-from factorconv.evaluate.baselines import mean_pooled_gqa
-from factorconv.evaluate.data import load_tokens
+from factorconv.convert.options import ConvertOptions
 from factorconv.errors import FactorConvError
-from factorconv.recipe import REFINE_DEFAULTS_TEXT, ConvertOptions
+from factorconv.evaluate.baselines import mean_pooled_gqa
+from factorconv.data import load_tokens
+from factorconv.kinds import REFINE_DEFAULTS_TEXT
 
 SMOLLM2 = Path(os.environ.get("SMOLLM2", "~/.cache/factorconv/smollm2"))
 WIKITEXT = REAL / "wikitext-2-raw-canonical" / "wiki.test.raw"

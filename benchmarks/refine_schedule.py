@@ -15,14 +15,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import convert_and_load, machine, text_slice
+from quality import MODELS, SMOLLM2, model_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import convert_and_load, machine, text_slice
+from factorconv.convert.options import ConvertOptions
 from factorconv.errors import FactorConvError
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.evaluate.perplexity import perplexity
-from factorconv.recipe import ConvertOptions
-from quality import MODELS, SMOLLM2, model_spec
 
 
 def main() -> None:

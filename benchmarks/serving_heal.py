@@ -22,7 +22,7 @@ import torch
 from common import REAL, convert_and_load, machine, measure, python_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 from factorconv.export import export
 from factorconv.finetune import FinetuneOptions, finetune
 

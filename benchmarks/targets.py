@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from common import REAL, convert_and_load, measure, print_table
 from factorconv.evaluate.baselines import mean_pooled_gqa
-from factorconv.evaluate.data import load_tokens
+from factorconv.data import load_tokens
 
 BUDGETS = (1.0, 0.5, 0.25, 0.125)
 

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
 from .hub import HUB_ID
+from .kinds import KINDS
 from .modeling import FactorConvConfig
 from .output_folder import REPORT_FILE
 
@@ -88,7 +89,7 @@ def model_card(
     )
     parts = [
         f"# {name}",
-        f"`{source}` converted by [factorconv](https://pypi.org/project/factorconv/) to {_describe(config)}"
+        f"`{source}` converted by [factorconv](https://pypi.org/project/factorconv/) to {KINDS[config.attention].describe(config)}"
         + (" The converted model was then fine-tuned (distilled from the source)." if results.perplexity_finetuned
            is not None or results.finetune_tokens is not None else ""),
         _summary_table(config, report, results),
@@ -296,39 +297,8 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _describe(config: FactorConvConfig) -> str:
-    if config.attention == "tpa":
-        kind = "contextual " if config.tpa_contextual else ""
-        return (
-            f"{kind}Tensor Product Attention (TPA): keys and values are sums of per-token tensor products, "
-            "and the KV cache stores those factors instead of per-head keys and values."
-        )
-    if config.attention == "mfa":
-        return (
-            "Multi-matrix Factorization Attention (MFA): one RoPE-preserving merged key head and one value head "
-            "shared by all query heads, so the cache holds one key and one value vector per token."
-        )
-    return (
-        "MFA with Key-Reuse (MFA-KR): one cached vector per token, [RoPE part | shared part], serving as the "
-        "key, with its shared part also read as the value."
-    )
-
-
-def _per_layer(values: list[int] | None) -> str:
-    if not values:
-        return "-"
-    return str(values[0]) if len(set(values)) == 1 else "[" + ", ".join(map(str, values)) + "]"
-
-
 def _dims(config: FactorConvConfig) -> str:
-    if config.attention == "tpa":
-        dims = f"Ranks per layer: R_K = {_per_layer(config.tpa_rank_k)}, R_V = {_per_layer(config.tpa_rank_v)}"
-        return dims + (f", R_Q = {_per_layer(config.tpa_rank_q)}" if config.tpa_rank_q else "")
-    if config.attention == "mfa":
-        dims = f"Widths per layer: d_K = {_per_layer(config.key_dim)}, d_V = {_per_layer(config.value_dim)}"
-    else:
-        dims = f"Widths per layer: d_R = {_per_layer(config.rope_dim)}, d_N = {_per_layer(config.nope_dim)}"
-    dims += f", query rank {_per_layer(config.query_rank)}" if config.query_rank else ""
+    dims = KINDS[config.attention].dims(config)
     if config.serving_format is not None:  # the export format's --format name is its config value, dashed
         fmt = config.serving_format.replace("_", "-")
         dims += (f". Built to fit a stock architecture: `factorconv export MODEL OUT --format {fmt}` writes it as one "

@@ -9,9 +9,9 @@ from transformers.utils import logging as transformers_logging
 
 from . import __version__
 from .errors import FactorConvError
-from .recipe import REFINE_DEFAULTS_TEXT
+from .kinds import KINDS, REFINE_DEFAULTS_TEXT
 
-
+KIND_CHOICE = click.Choice([kind.flag for kind in KINDS.values()])  # tpa, mfa, mfa-kr
 ARGUMENTS = {"source", "output", "model", "recipe", "folder", "repo_id"}  # positional: named as in --help
 
 
@@ -84,7 +84,7 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.argument("source")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option(
-    "--to", "target", type=click.Choice(["tpa", "mfa", "mfa-kr"]), default="tpa", show_default=True, help="Target attention."
+    "--to", "target", type=KIND_CHOICE, default="tpa", show_default=True, help="Target attention."
 )
 @click.option("--rank-k", type=int, help="TPA key rank R_K (default: the source's KV heads, exact).")
 @click.option("--rank-v", type=int, help="TPA value rank R_V (default: the source's KV heads, exact).")
@@ -131,7 +131,7 @@ def main(ctx: click.Context, quiet: bool) -> None:
 def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs) -> None:
     """Convert SOURCE (local folder or Hub id) into a factorized model written to OUTPUT."""
     from .convert import convert as run_convert
-    from .recipe import ConvertOptions
+    from .convert.options import ConvertOptions
 
     options = ConvertOptions(source=source, output=output, to=target, **_given(kwargs))
     folder = run_convert(options, progress=ctx.obj["progress"])
@@ -140,7 +140,7 @@ def convert(ctx: click.Context, source: str, output: Path, target: str, **kwargs
 
 @main.command()
 @click.argument("source")
-@click.option("--to", "target", type=click.Choice(["tpa", "mfa", "mfa-kr"]), default="mfa", show_default=True)
+@click.option("--to", "target", type=KIND_CHOICE, default="mfa", show_default=True)
 @click.option("--kv-budget", type=float, required=True, help="Fraction of the source's KV bytes per token.")
 @click.option("--allocation", type=click.Choice(["auto", "uniform", "greedy", "measured"]),
               help="How --kv-budget is spread over layers; auto: measured with --calib (probes each layer's cost), "
@@ -156,8 +156,8 @@ def plan(source: str, target: str, **kwargs) -> None:
 
     Works from config.json alone (meta device): then widths are uniform and no error is predicted.
     """
+    from .convert.options import ConvertOptions
     from .convert.plan import format_plan, make_plan
-    from .recipe import ConvertOptions
 
     options = ConvertOptions(source=source, output=Path("-"), to=target, **_given(kwargs))
     click.echo(format_plan(make_plan(options)))

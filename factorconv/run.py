@@ -18,11 +18,12 @@ import yaml
 
 from . import __version__
 from .card import CardResults, source_license, write_model_card
+from .convert.options import ConvertOptions
 from .errors import FactorConvError
 from .evaluate.kv_cache import analytic_kv_bytes_per_token
 from .hub import HUB_FAILURES, HUB_ID, failure_line, folder_problems, push, require_token
 from .output_folder import RECIPE_FILE, check_output_path, refuse_foreign
-from .recipe import ConvertOptions, Recipe, convert_key, flags_to_keys, load_recipe
+from .recipe import Recipe, convert_key, flags_to_keys, load_recipe
 
 logger = logging.getLogger("factorconv")
 
@@ -118,9 +119,9 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
             allocation = f"kv_budget {options.kv_budget:g}, {spread}"
         else:
             config = build_target_config(source, options)
-            names = {"tpa": ("rank_k", "rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}
+            kind = options.kind
             widths = [
-                {n: getattr(config, _CONFIG_NAMES.get(n, n))[i] for n in names[options.to]}
+                {n: getattr(config, kind.config_name(n))[i] for n in kind.widths}
                 for i in range(config.num_hidden_layers)
             ]
             with torch.device("meta"):
@@ -152,12 +153,9 @@ def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
     )
 
 
-_CONFIG_NAMES = {"rank_k": "tpa_rank_k", "rank_v": "tpa_rank_v"}  # option name -> FactorConvConfig field
-
-
 def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
     """The folder with the source's config.json (a Hub id fetches config.json only), or None and why not."""
-    from .convert.source import resolve_source
+    from .model_folder import resolve_source
 
     model = recipe.source.model
     if Path(model).expanduser().exists() or not HUB_ID.match(model):
@@ -294,7 +292,7 @@ def run_recipe(
 
 def _target_summary(options: ConvertOptions) -> str:
     parts = [options.to]
-    for name in ("kv_budget", "rank_k", "rank_v", "rank_q", "key_dim", "value_dim", "rope_dim", "nope_dim", "query_rank"):
+    for name in ("kv_budget", *options.kind.sizes):
         value = getattr(options, name, None)
         if value is not None:
             parts.append(f"{name} {value}")
@@ -363,8 +361,8 @@ def _finetune(options, final: Path, progress: bool, may_resume: bool) -> None:
 
 def _eval_stage(recipe: Recipe, records: dict, progress: bool, echo: Callable[[str], None]) -> CardResults:
     from .convert.device import resolve_device
-    from .convert.source import resolve_source
     from .evaluate.report import evaluate, format_table
+    from .model_folder import resolve_source
 
     spec = recipe.eval
     key = {"eval": spec.model_dump(mode="json"), **records}

@@ -31,7 +31,7 @@ from transformers import (  # noqa: E402
 
 import factorconv  # noqa: E402, F401  (registers the factorconv Auto classes)
 from factorconv.convert import convert  # noqa: E402
-from factorconv.recipe import ConvertOptions  # noqa: E402
+from factorconv.convert.options import ConvertOptions  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and robust to a busy machine
 

@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoConfig
 from click.testing import CliRunner
 from conftest import random_ids
+from safetensors import safe_open
+from transformers import AutoConfig
 
 from factorconv.cli import main
-from factorconv.convert import convert
-from factorconv.convert import pipeline, refine
+from factorconv.convert import convert, pipeline, refine
 from factorconv.convert.calibrate import LayerActivations, LayerwiseRunner, MomentAccumulator, calibration_tokens
+from factorconv.convert.options import ConvertOptions
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.errors import FactorConvError
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
@@ -25,9 +25,9 @@ from factorconv.factorize.mfa import (
     query_pair_energy,
     rope_key_merge,
 )
+from factorconv.kinds.layer import attention_module, output_error
 from factorconv.modeling import FactorConvConfig
 from factorconv.modeling.modeling_factorconv import FactorConvRotaryEmbedding
-from factorconv.recipe import ConvertOptions
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -231,7 +231,7 @@ def _converted_layer_zero(source: str, tmp_path):
     prefix = "model.layers.0.self_attn."
     with safe_open(out / "model.safetensors", "pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
-    module = refine.attention_module(config, 0, tensors, torch.device("cpu"))
+    module = attention_module(config, 0, tensors, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(12, 16, config.hidden_size, generator=generator)
     position_embeddings = FactorConvRotaryEmbedding(config)(inputs[:1], torch.arange(16)[None])
@@ -249,10 +249,10 @@ def test_output_refit_recovers_a_known_output_projection(source_dirs, tmp_path):
         true_weight = module.o_proj.weight.clone()
         module.o_proj.weight.copy_(torch.randn(true_weight.shape, generator=generator) * true_weight.std())
     acts = LayerActivations(0, inputs, targets, position_embeddings, held_out=2)
-    scrambled = refine._relative_error(module, acts, slice(10, 12))
+    scrambled = output_error(module, acts, slice(10, 12))
     refine._output_refit(module, acts, slice(0, 10), ridge=1e-9)
     assert scrambled > 0.5
-    assert refine._relative_error(module, acts, slice(10, 12)) < 1e-4
+    assert output_error(module, acts, slice(10, 12)) < 1e-4
     torch.testing.assert_close(module.o_proj.weight, true_weight, atol=1e-4, rtol=1e-3)
 
 

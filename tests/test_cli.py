@@ -432,7 +432,7 @@ def test_perplexity_predicts_every_token_once(source_model):
 
 def test_load_tokens(tmp_path):
     from factorconv.errors import FactorConvError
-    from factorconv.evaluate.data import load_tokens
+    from factorconv.data import load_tokens
 
     from conftest import tiny_tokenizer
 

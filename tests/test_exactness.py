@@ -184,7 +184,7 @@ def test_rank_reduced_model_generates(converted, load_model, source_model):
 
 
 def _extra_source(tmp_path, config, model_class=None, seed=0):
-    from conftest import build_source, SourceSpec
+    from conftest import SourceSpec, build_source
     from transformers import LlamaForCausalLM
 
     spec = SourceSpec("extra", model_class or LlamaForCausalLM, config)
@@ -193,7 +193,7 @@ def _extra_source(tmp_path, config, model_class=None, seed=0):
 
 def _convert(source, output, **options):
     from factorconv.convert import convert
-    from factorconv.recipe import ConvertOptions
+    from factorconv.convert.options import ConvertOptions
 
     return convert(ConvertOptions(source=str(source), output=output, **options), progress=False)
 

@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from factorconv.cli import main
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.errors import FactorConvError
 from factorconv.export import EXPORT_FILE, ExportRefused, export
 from factorconv.factorize.key_reuse import latent_norm_weight
 from factorconv.modeling import FactorConvConfig
-from factorconv.recipe import ConvertOptions, parse_recipe
+from factorconv.recipe import parse_recipe
 
 MLA = dict(to="mfa_kr", mla=True, mla_shape="24+8")  # head dim 16: RoPE part 8 (every other pair), latent 24
 MQA = dict(to="mfa", mqa=True)
@@ -121,7 +122,8 @@ def test_export_loads_stock_and_matches(exports, case):
         assert config["model_type"] == "llama" and config["num_key_value_heads"] == 1
         expected = 2 * config["head_dim"] * layers * 4
     assert stock["bytes_per_token"] == expected
-    assert expected < 2 * fc.num_key_value_heads * fc.head_dim * layers * 4 or fc.num_key_value_heads == 1
+    kv_heads = fc.source_num_key_value_heads
+    assert expected < 2 * kv_heads * fc.head_dim * layers * 4 or kv_heads == 1
     record = json.loads((out / EXPORT_FILE).read_text())
     assert record["kv_bytes_per_token"]["exported"] == expected
     assert "vllm serve" in (out / "README.md").read_text()

@@ -9,9 +9,9 @@ import pytest
 from conftest import REAL
 
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.finetune import FinetuneOptions, finetune
 from factorconv.finetune.output import SUMMARY_FILE
-from factorconv.recipe import ConvertOptions
 
 SOURCE = REAL / "stories260K-hf"
 TRAIN = REAL / "tinystories" / "tinystories.txt"

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import random_ids
+
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.modeling import CACHE_KEY, output_cache
-from factorconv.recipe import ConvertOptions
 
 pytestmark = [
     pytest.mark.gpu,

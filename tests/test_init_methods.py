@@ -10,13 +10,13 @@ from test_cache import generate
 from test_calibration import correlated_inputs, moment_of
 
 from factorconv.convert import convert
+from factorconv.convert.options import ConvertOptions
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from factorconv.factorize.common import cholesky_whitening
 from factorconv.factorize.key_reuse import key_reuse_inits, phase_average
 from factorconv.factorize.tpa import tensor_product_init
 from factorconv.factorize.tpa_als import fit_contextual
 from factorconv.modeling.modeling_factorconv import TensorProduct, apply_rope
-from factorconv.recipe import ConvertOptions
 
 
 def _rotate(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factorconv.convert import convert
 from factorconv.convert.artifacts import REPORT_FILE
-from factorconv.evaluate.data import load_tokens
+from factorconv.convert.options import ConvertOptions
+from factorconv.data import load_tokens
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from factorconv.evaluate.perplexity import perplexity
-from factorconv.recipe import ConvertOptions
 
 SOURCE = REAL / "stories260K-hf"
 VALID_TEXT = REAL / "tinystories" / "TinyStories-valid.txt"
@@ -46,7 +46,7 @@ def test_full_rank_perplexity_equals_source(real):
     out = real["convert"]("full")
     model = _load(out)
     assert model.config.tie_word_embeddings
-    assert model.config.tpa_rank_k == [4] * 5 and model.config.num_key_value_heads == 4
+    assert model.config.tpa_rank_k == [4] * 5 and model.config.source_num_key_value_heads == 4
     tokens = real["tokens"]
     assert tokens.numel() == MAX_TOKENS
     assert tokens[0].item() == real["tokenizer"].bos_token_id

@@ -196,7 +196,7 @@ def test_missing_source_and_broken_files(tmp_path):
 
 def test_sections_map_onto_convert_options_by_name():
     """target/calibration keys come from ConvertOptions' fields: no copy of the schema to keep in sync."""
-    from factorconv.recipe import ConvertOptions
+    from factorconv.convert.options import ConvertOptions
 
     target = set(section_keys("target"))
     assert {"rank_k", "key_dim", "rope_dim", "query_rank", "kv_budget", "allocation"} <= target

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
-import factorconv
 import yaml
 from conftest import random_ids
 from safetensors import safe_open
 
+import factorconv
 from factorconv.convert import convert
 from factorconv.convert.artifacts import RECIPE_FILE, REPORT_FILE
-from factorconv.recipe import ConvertOptions
+from factorconv.convert.options import ConvertOptions
 
 REPO = Path(__file__).resolve().parents[1]
 

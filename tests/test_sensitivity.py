@@ -11,11 +11,12 @@ from conftest import random_ids
 from factorconv.cli import main
 from factorconv.convert import convert, sensitivity
 from factorconv.convert.calibrate import AsSourceAttention
-from factorconv.convert.plan import Geometry, components, plan_layers
+from factorconv.convert.options import ConvertOptions
+from factorconv.convert.plan import plan_layers
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.evaluate.kv_cache import analytic_kv_bytes_per_token
 from factorconv.factorize.allocate import Component, level_allocation
-from factorconv.recipe import ConvertOptions
+from factorconv.kinds import KINDS, Geometry
 
 
 def _probe(source_dir, tmp_path, budget: float, monkeypatch, to: str = "mfa_kr"):
@@ -24,7 +25,7 @@ def _probe(source_dir, tmp_path, budget: float, monkeypatch, to: str = "mfa_kr")
                              calib="unused", allocation="measured")
     source = SourceCheckpoint(source_dir)
     geometry = Geometry.of(source.config)
-    flat = [components(to, geometry, False, None, None)] * geometry.layers
+    flat = [KINDS[to].components(geometry, options)] * geometry.layers
     uniform = plan_layers(options, geometry, flat, False)
     built = []
     real_module = sensitivity.attention_module
@@ -32,7 +33,7 @@ def _probe(source_dir, tmp_path, budget: float, monkeypatch, to: str = "mfa_kr")
     tokens = random_ids(20, 16, seed=11)
 
     def spectra(src, moment):
-        return components(to, geometry, False, src, moment)
+        return KINDS[to].components(geometry, options, src, moment)
 
     probed = sensitivity.probe_layers(options, source, tokens, torch.device("cpu"), uniform, spectra, progress=False)
     return probed, tokens, built

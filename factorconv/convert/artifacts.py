@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ..card import CARD_FILE, model_card, source_license
 from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
+from ..kinds.layer import LayerReport
 from ..modeling import FactorConvConfig
 from ..output_folder import RECIPE_FILE, REPORT_FILE
-from ..recipe import ConvertOptions
-from .layers import LayerReport
+from .options import ConvertOptions
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 MODELING_FILES = ("configuration_factorconv.py", "modeling_factorconv.py")

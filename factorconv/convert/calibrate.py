@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
+from ..data import check_token_ids, dataset_tokens, load_tokens
 from ..errors import FactorConvError
-from ..evaluate.data import check_token_ids, dataset_tokens, load_tokens
 from .source import SourceCheckpoint
 
 

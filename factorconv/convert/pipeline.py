@@ -7,15 +7,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import FactorConvError
+from ..kinds.layer import LayerReport, LayerStatistics
+from ..model_folder import resolve_source
 from ..output_folder import check_output, staged_output
-from ..recipe import ConvertOptions
 from .artifacts import write_artifacts
 from .calibrate import LayerwiseRunner, calibration_tokens
 from .device import resolve_device
-from .layers import ATTENTION_TENSOR, LayerReport, LayerStatistics, convert_attention
+from .layers import ATTENTION_TENSOR, convert_attention
+from .options import ConvertOptions
 from .plan import allocate_widths
 from .refine import refine_layer
-from .source import UNUSED_TENSOR_SUFFIXES, SourceCheckpoint, resolve_source
+from .source import UNUSED_TENSOR_SUFFIXES, SourceCheckpoint
 from .target import build_target_config, output_dtype
 from .writer import ShardedWriter, parse_size
 

@@ -7,39 +7,13 @@ import torch
 
 from ..errors import FactorConvError
 from ..evaluate.kv_cache import analytic_kv_bytes_per_token
-from ..factorize.common import cholesky_whitening, input_moment
 from ..factorize.allocate import Component, greedy_allocation, level_allocation, uniform_allocation
-from ..factorize.mfa import key_gains, pair_moments, query_pair_energy, value_gains
-from ..factorize.tpa import head_mode_gains
-from ..recipe import ConvertOptions
+from ..kinds import Geometry
+from ..kinds.layer import SourceAttention
 from .calibrate import LayerwiseRunner
-from .layers import SourceAttention
+from .options import ConvertOptions
 from .sensitivity import layer_levels, probe_layers
 from .source import SourceCheckpoint
-from .target import serving_widths
-
-WIDTH_FIELDS = {"tpa": ("rank_k", "rank_v"), "mfa": ("key_dim", "value_dim"), "mfa_kr": ("rope_dim", "nope_dim")}
-
-
-@dataclass
-class Geometry:
-    """The source attention shapes that decide what a layer can cache."""
-
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, config) -> "Geometry":
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, heads, config.num_key_value_heads or heads, head_dim)
-
-    @property
-    def source_width(self) -> int:
-        """Numbers the source caches per token and layer (keys and values of every KV head)."""
-        return 2 * self.kv_heads * self.head_dim
 
 
 @dataclass
@@ -49,48 +23,6 @@ class LayerPlan:
     cache_width: int  # numbers cached per token in this layer
     predicted_error: dict[str, float] | None  # relative error per component, None without weights
     probe_kl: float | None = None  # measured allocation: KL with this layer alone converted at uniform widths
-
-
-def _flat_gains(count: int) -> list[float]:
-    return [1.0 / count] * count
-
-
-def components(
-    target: str,
-    geometry: Geometry,
-    contextual: bool,
-    src: SourceAttention | None,
-    moment: torch.Tensor | None,
-    query_aware: bool = False,
-) -> list[Component]:
-    """What one layer can spend width on, with gain curves from its weights (flat without weights)."""
-    g, d, h = geometry.kv_heads, geometry.head_dim, geometry.heads
-    if target == "tpa":
-        per_rank = d + (h if contextual else 0)
-        if src is None:
-            return [Component(name, _flat_gains(g), per_rank) for name in WIDTH_FIELDS["tpa"]]
-        return [
-            Component(name, head_mode_gains(src.weight(p), src.bias(p), g, h, _whitening(src, p, moment)).tolist(), per_rank)
-            for name, p in zip(WIDTH_FIELDS["tpa"], "kv")
-        ]
-    key_name, value_name = WIDTH_FIELDS[target]
-    if src is None:
-        key, value = _flat_gains(g * d // 2), _flat_gains(g * d)
-    else:
-        k_weight, k_bias = src.weight("k"), src.bias("k")
-        energy = None
-        if moment is not None and query_aware:
-            energy = query_pair_energy(src.weight("q"), src.bias("q"), h, g, d, moment)
-        key = key_gains(pair_moments(k_weight, k_bias, g, d, moment), energy).tolist()
-        value = value_gains(src.weight("v"), src.bias("v"), src.weight("o"), h, g, moment).tolist()
-    return [Component(key_name, key, 2, units_per_value=2), Component(value_name, value, 1)]
-
-
-def _whitening(src: SourceAttention, proj: str, moment: torch.Tensor | None) -> torch.Tensor | None:
-    if moment is None:
-        return None
-    weight, bias = src.weight(proj), src.bias(proj)
-    return cholesky_whitening(input_moment(weight.shape[1], bias is not None, moment))
 
 
 def layer_components(
@@ -104,20 +36,15 @@ def layer_components(
 
     With calibration statistics this runs the source layer by layer once (Σ is used and dropped per layer).
     """
-    geometry = Geometry.of(source.config)
+    geometry, kind = Geometry.of(source.config), options.kind
     if not (source.has_weights and spectra):
-        return [components(options.to, geometry, options.contextual, None, None)] * geometry.layers, False
+        return [kind.components(geometry, options)] * geometry.layers, False
     read = source.reader()
     if tokens is None or not options.uses_statistics:
-        return [
-            components(options.to, geometry, options.contextual, SourceAttention(read, i, device), None)
-            for i in range(geometry.layers)
-        ], True
+        layers = [kind.components(geometry, options, SourceAttention(read, i, device)) for i in range(geometry.layers)]
+        return layers, True
     return [
-        components(
-            options.to, geometry, options.contextual, SourceAttention(read, acts.layer, device), acts.moment(),
-            options.query_aware,
-        )
+        kind.components(geometry, options, SourceAttention(read, acts.layer, device), acts.moment())
         for acts in LayerwiseRunner(source, tokens, device)
     ], True
 
@@ -157,8 +84,8 @@ def allocate_widths(
     predicted errors `factorconv plan` prints do). Serving shapes (`mla`, `mqa`) are fixed, read no weights.
     Measured allocation runs a probing pass over the calibration tokens first (convert/sensitivity.py)."""
     geometry = Geometry.of(source.config)
-    if options.serving_format is not None:
-        widths = serving_widths(options, geometry.head_dim, geometry.source_width)
+    widths = options.kind.serving_widths(options, geometry)
+    if widths is not None:
         return [LayerPlan(i, dict(widths), sum(widths.values()), None) for i in range(geometry.layers)]
     if options.allocation == "measured":
         return measured_plans(options, source, tokens, device, progress)
@@ -170,12 +97,12 @@ def measured_plans(
     options: ConvertOptions, source: SourceCheckpoint, tokens: torch.Tensor, device: torch.device, progress: bool
 ) -> list[LayerPlan]:
     """Per-layer widths (multiples of the uniform ones) minimising the total KL predicted from each layer's probe."""
-    geometry = Geometry.of(source.config)
-    flat = [components(options.to, geometry, options.contextual, None, None)] * geometry.layers
+    geometry, kind = Geometry.of(source.config), options.kind
+    flat = [kind.components(geometry, options)] * geometry.layers
     uniform = plan_layers(options, geometry, flat, False)
 
     def spectra(src: SourceAttention, moment: torch.Tensor) -> list[Component]:
-        return components(options.to, geometry, options.contextual, src, moment, options.query_aware)
+        return kind.components(geometry, options, src, moment)
 
     probed = probe_layers(options, source, tokens, device, uniform, spectra, progress)
     levels = [layer_levels(p, u.widths) for p, u in zip(probed, uniform)]
@@ -205,44 +132,14 @@ class PlanReport:
     serving: str | None = None  # which stock serving shape this budget allows (`factorconv export`)
 
 
-# vLLM's fused MLA decode kernels (FlashMLA and friends) take these kv_lora_rank + qk_rope_head_dim shapes.
-ENGINE_MLA_SHAPES = ("512+64", "256+64")
-
-
-def serving_note(options: ConvertOptions, geometry: Geometry) -> str | None:
-    """What `--mla` (MFA-KR) would cache at this budget, or what `--mqa` (MFA) always caches."""
-    if options.to == "mfa":
-        share = 2 * geometry.head_dim / geometry.source_width
-        return (f"as Llama MQA (--mqa, then `factorconv export --format llama`): one KV head of {geometry.head_dim}, "
-                f"{share:.1%} of the source's KV bytes whatever the budget")
-    if options.to != "mfa_kr":
-        return None
-    try:
-        widths = serving_widths(options.model_copy(update={"mla": True}), geometry.head_dim, geometry.source_width)
-    except FactorConvError as err:
-        return f"as DeepSeek-V3 (--mla): {err}"
-    shape = f"{widths['nope_dim']}+{widths['rope_dim']}"
-    engines = []
-    for engine in ENGINE_MLA_SHAPES:
-        width = sum(int(part) for part in engine.split("+"))
-        try:
-            serving_widths(options.model_copy(update={"mla": True, "mla_shape": engine}), geometry.head_dim,
-                           geometry.source_width)
-            engines.append(f"--mla-shape {engine} is {width / geometry.source_width:.1%} of the source's KV bytes")
-        except FactorConvError:
-            engines.append(f"{engine} does not fit this source")
-    return (f"as DeepSeek-V3 (--mla, then `factorconv export --format deepseek-v3`): kv_lora_rank+qk_rope_head_dim = "
-            f"{shape}; vLLM's fused MLA kernels take {' or '.join(ENGINE_MLA_SHAPES)} ({'; '.join(engines)})")
-
-
 def make_plan(options: ConvertOptions) -> PlanReport:
     """Allocate widths for `options.kv_budget`; from config.json alone when the weights are not needed/present."""
     from transformers import AutoModelForCausalLM
 
+    from ..model_folder import resolve_source
     from ..modeling import FactorConvForCausalLM
     from .calibrate import calibration_tokens
     from .device import resolve_device
-    from .source import resolve_source
     from .target import build_target_config, output_dtype
 
     device = resolve_device(options.device)
@@ -268,7 +165,7 @@ def make_plan(options: ConvertOptions) -> PlanReport:
         analytic_kv_bytes_per_token(config, size),
         source_params,
         target_params,
-        serving_note(options, geometry),
+        options.kind.serving_note(options, geometry),
     )
 
 

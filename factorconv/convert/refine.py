@@ -7,15 +7,14 @@ solve (zero-shot gains in benchmarks/results/quality_*.md, `stats` rows). The tw
 Adam started from the refitted o_proj ended worse in the runs tried. Either is kept only if held-out error drops.
 """
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..kinds.layer import attention_module, layer_output, output_error, row_chunks
 from ..modeling import FactorConvConfig
-from ..modeling.modeling_factorconv import ATTENTION_CLASSES
 from .calibrate import LayerActivations
 
 
@@ -24,49 +23,6 @@ class RefineResult:
     tensors: dict[str, torch.Tensor]
     error_before: float  # relative attention-output error on held-out calibration tokens, closed-form init
     error_after: float  # the same after refinement (equal to before when it did not help)
-
-
-def attention_module(
-    config: FactorConvConfig, layer: int, tensors: dict[str, torch.Tensor], device, rope_pairs: list[int] | None = None
-) -> torch.nn.Module:
-    config = copy.deepcopy(config)
-    config._attn_implementation = "sdpa"  # causal through is_causal, no explicit mask needed
-    if rope_pairs is not None:
-        config.rope_pair_index[layer] = rope_pairs
-    module = ATTENTION_CLASSES[config.attention](config, layer).to(device=device, dtype=torch.float32)
-    prefix = f"model.layers.{layer}.self_attn."
-    module.load_state_dict({name[len(prefix) :]: t.float() for name, t in tensors.items()}, strict=True)
-    return module
-
-
-def _forward(module: torch.nn.Module, acts: LayerActivations, rows: slice | torch.Tensor) -> torch.Tensor:
-    """The module's attention output on the calibration sequences `rows`."""
-    x = acts.inputs[rows]
-    cos, sin = (p.expand(x.shape[0], -1, -1) for p in acts.position_embeddings)
-    return module(x, position_embeddings=(cos, sin))[0]
-
-
-def _chunks(rows: slice, chunk: int) -> list[slice]:
-    return [slice(start, min(start + chunk, rows.stop)) for start in range(rows.start, rows.stop, chunk)]
-
-
-def _relative_error(module: torch.nn.Module, acts: LayerActivations, rows: slice, chunk: int = 8) -> float:
-    num, den = 0.0, 0.0
-    with torch.no_grad():
-        for part in _chunks(rows, chunk):
-            out, target = _forward(module, acts, part), acts.outputs[part]
-            num += float((out - target).pow(2).sum())
-            den += float(target.pow(2).sum())
-    return (num / max(den, 1e-30)) ** 0.5
-
-
-def selection_error(
-    config: FactorConvConfig, layer: int, tensors: dict[str, torch.Tensor], acts: LayerActivations, rope_pairs: list[int]
-) -> float:
-    """Relative attention-output error on the first fitting sequences (as many as are held out), for choosing
-    between closed-form candidates without touching the held-out ones."""
-    module = attention_module(config, layer, tensors, acts.inputs.device, rope_pairs)
-    return _relative_error(module, acts, slice(0, min(acts.held_out, acts.inputs.shape[0] - acts.held_out)))
 
 
 def _output_refit(
@@ -81,9 +37,9 @@ def _output_refit(
     gram = cross = None
     try:
         with torch.no_grad():
-            for part in _chunks(rows, chunk):
+            for part in row_chunks(rows, chunk):
                 captured.clear()
-                _forward(module, acts, part)
+                layer_output(module, acts, part)
                 z = captured[0].reshape(-1, proj.in_features).double()
                 if proj.bias is not None:
                     z = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
@@ -140,7 +96,7 @@ def refine_layer(
     module = attention_module(config, layer, tensors, device)
     total = acts.inputs.shape[0]
     fit, held_out = slice(0, total - acts.held_out), slice(total - acts.held_out, total)
-    before = _relative_error(module, acts, held_out)
+    before = output_error(module, acts, held_out)
     if steps == 0:
         _output_refit(module, acts, fit)
     else:
@@ -151,12 +107,12 @@ def refine_layer(
         scale = acts.outputs[fit].pow(2).mean()
         for _ in range(steps):
             rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
-            loss = (_forward(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale
+            loss = (layer_output(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-    after = _relative_error(module, acts, held_out)
+    after = output_error(module, acts, held_out)
     if after >= before:
         return RefineResult(tensors, before, before)
     prefix = f"model.layers.{layer}.self_attn."

@@ -16,13 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..factorize.allocate import Component
-from ..recipe import ConvertOptions
+from ..kinds.layer import LayerStatistics, SourceAttention, attention_module
 from .calibrate import LayerwiseRunner
-from .layers import LayerStatistics, SourceAttention, convert_attention
-from .refine import attention_module
+from .layers import convert_attention
+from .options import ConvertOptions
 from .source import SourceCheckpoint
 from .target import build_target_config
-
 
 # At most this many held-out tokens are probed: one residual stream per layer is kept for them (8B shapes: 32
 # streams × 16K tokens × 4,096 × 4 bytes = 8.6 GB), and KL on a few thousand paired tokens already ranks layers.

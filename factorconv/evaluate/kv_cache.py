@@ -17,12 +17,12 @@ def analytic_kv_bytes_per_token(config: PreTrainedConfig, bytes_per_value: int) 
 
 def source_kv_bytes_per_token(config: FactorConvConfig, bytes_per_value: int) -> int:
     """What the model a conversion came from cached per token: its config keeps the source's KV heads."""
-    return _per_head_kv_bytes(config, bytes_per_value)
+    return _per_head_kv_bytes(config, bytes_per_value, config.source_num_key_value_heads)
 
 
-def _per_head_kv_bytes(config: PreTrainedConfig, bytes_per_value: int) -> int:
-    """A key and a value of every KV head in every layer (MHA/GQA)."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+def _per_head_kv_bytes(config: PreTrainedConfig, bytes_per_value: int, kv_heads: int | None = None) -> int:
+    """A key and a value of every KV head (`kv_heads`, default the config's) in every layer (MHA/GQA)."""
+    kv_heads = kv_heads or getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * kv_heads * head_dim * config.num_hidden_layers * bytes_per_value
 

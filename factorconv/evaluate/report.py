@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..convert.source import resolve_source
+from ..data import check_token_ids, load_tokens
 from ..dtypes import DTYPES
 from ..errors import FactorConvError, first_of
-from .data import check_token_ids, load_tokens
+from ..model_folder import resolve_source
 from .kv_cache import analytic_kv_bytes_per_token, measured_kv_bytes_per_token
 from .perplexity import perplexity
 

@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..card import CARD_FILE, export_card, source_license
 from ..convert.artifacts import copy_tokenizer_files
-from ..convert.source import SourceCheckpoint, resolve_source
+from ..convert.source import SourceCheckpoint
 from ..convert.writer import ShardedWriter, parse_size
 from ..errors import FactorConvError
 from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per_token
+from ..model_folder import resolve_source
 from ..output_folder import EXPORT_FILE, check_output, staged_output
 from .deepseek_v3 import DEEPSEEK_V3
 from .formats import ExportFormat, ExportRefused

@@ -14,6 +14,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
 from ..factorize.mfa import strided_pairs
+from ..kinds.mfa_kr import MFA_KR
 from ..modeling import FactorConvConfig
 from .formats import (
     ExportFormat,
@@ -129,7 +130,7 @@ a scaling type: sources with llama3 or linear RoPE scaling are exact in transfor
 
 DEEPSEEK_V3 = ExportFormat(
     name="deepseek-v3",
-    kind="mfa_kr",
+    kind=MFA_KR,
     convert_flag="--to mfa-kr --mla --mla-shape N+R",
     architecture="DeepseekV3ForCausalLM",
     check=_check,

@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 
 from ..errors import FactorConvError
 from ..factorize.mfa import strided_pairs
+from ..kinds import TargetKind
 from ..modeling import FactorConvConfig
 from ..modeling.modeling_factorconv import FactorConvRotaryEmbedding
 
@@ -24,7 +25,7 @@ class ExportFormat:
     attention tensors are built, and how it is served. Everything but attention is copied by name."""
 
     name: str  # the --format value, e.g. "deepseek-v3" (dashed config.serving_format of what convert builds for it)
-    kind: str  # the factorconv attention kind it takes ("mfa_kr", "mfa")
+    kind: TargetKind  # the factorconv attention kind it takes (MFA-KR, MFA)
     convert_flag: str  # how to convert a model that fits, e.g. "--to mfa-kr --mla"
     architecture: str  # the stock class name written in config.json
     check: Callable[[FactorConvConfig, Reader], None]  # raises ExportRefused
@@ -43,8 +44,8 @@ def refuse(config: FactorConvConfig, fmt: ExportFormat, reason: str) -> ExportRe
 def check_common(config: FactorConvConfig, fmt: ExportFormat, rotary_widths: list[int]) -> int:
     """The kind, one shape in every layer, and a RoPE part that is a stock head's: one key pair per frequency of
     the standard sequence of its width, in order. Returns that width."""
-    if config.attention != fmt.kind:
-        raise refuse(config, fmt, f"{fmt.name} takes {fmt.kind.replace('_', '-')} models")
+    if config.attention != fmt.kind.name:
+        raise refuse(config, fmt, f"{fmt.name} takes {fmt.kind.flag} models")
     if len(set(rotary_widths)) != 1:
         widths = sorted(set(rotary_widths))
         raise refuse(config, fmt, f"its layers have different widths ({widths}); {fmt.name} has one shape")
@@ -106,7 +107,7 @@ def per_head(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def group_of_heads(config: FactorConvConfig) -> torch.Tensor:
-    return torch.arange(config.num_attention_heads) // (config.num_attention_heads // config.num_key_value_heads)
+    return torch.arange(config.num_attention_heads) // (config.num_attention_heads // config.source_num_key_value_heads)
 
 
 def _double(tensor: torch.Tensor | None) -> torch.Tensor | None:

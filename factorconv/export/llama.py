@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
+from ..kinds.mfa import MFA
 from ..modeling import FactorConvConfig
 from .formats import (
     ExportFormat,
@@ -93,7 +94,7 @@ KV head on every GPU.
 
 LLAMA = ExportFormat(
     name="llama",
-    kind="mfa",
+    kind=MFA,
     convert_flag="--to mfa --mqa",
     architecture="LlamaForCausalLM",
     check=_check,

@@ -1,6 +1,6 @@
 """Training data: files, folders or a `datasets` name -> one token stream -> packed blocks, sharded by process.
 
-Text is tokenized by `evaluate.data.load_tokens` (the model's tokenizer, BOS once per document); folders are
+Text is tokenized by `factorconv.data.load_tokens` (the model's tokenizer, BOS once per document); folders are
 searched recursively for .txt, .jsonl and .npy files, in sorted order. The stream is cut into `seq_len`-token
 blocks. Which blocks a process reads at a given step is a pure function of (seed, step, micro-step, rank, world
 size): every epoch is one seeded permutation of the blocks, and consecutive slices of that stream go to
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import dataset_tokens, load_tokens
 from ..errors import FactorConvError
-from ..evaluate.data import dataset_tokens, load_tokens
 
 SUFFIXES = (".txt", ".jsonl", ".npy")
 

@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..convert.source import resolve_source
+from ..data import check_token_ids
 from ..dtypes import DTYPES
 from ..errors import FactorConvError
-from ..evaluate.data import check_token_ids
+from ..model_folder import resolve_source
 from ..output_folder import check_output_path, publish, refuse_foreign, unwritable
 from . import data as data_lib
 from .loss import distillation_loss

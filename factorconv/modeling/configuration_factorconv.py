@@ -6,6 +6,12 @@ This file is copied next to converted weights and must import nothing but transf
 from transformers import PreTrainedConfig
 
 ATTENTION_KINDS = ("tpa", "mfa", "mfa_kr")
+# The fields only one kind reads; config.json holds the active kind's (folders with all of them still load).
+KIND_FIELDS = {
+    "tpa": ("tpa_rank_k", "tpa_rank_v", "tpa_rank_q", "tpa_contextual"),
+    "mfa": ("key_dim", "value_dim", "rope_pair_index", "query_rank"),
+    "mfa_kr": ("rope_dim", "nope_dim", "rope_pair_index", "query_rank", "latent_norm"),
+}
 SERVING_FORMATS = (None, "deepseek_v3", "llama")  # stock architectures a conversion can be built to fit
 # Folders written before the cache became a stock DynamicCache name this layer type in `layer_types`.
 _LEGACY_LAYER_TYPE = "factorconv"
@@ -40,6 +46,11 @@ class FactorConvConfig(PreTrainedConfig):
     c_nope before it is cached (DeepSeek-V3's kv_a_layernorm). `serving_format` records that the conversion built
     the model to fit a stock architecture ("deepseek_v3" for MFA-KR, "llama" for MFA), which `factorconv export`
     writes it as.
+
+    Every kind caches one row of factors per token and layer, so `num_key_value_heads` is 1 (what tools that size
+    caches from the config read); the source's KV heads, which the per-group maps and the exact ranks follow, are
+    `source_num_key_value_heads`. Configs written before that field (num_key_value_heads = the source's) load as
+    the same model.
     """
 
     model_type = "factorconv"
@@ -51,6 +62,7 @@ class FactorConvConfig(PreTrainedConfig):
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None
+    source_num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
@@ -88,15 +100,19 @@ class FactorConvConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        if self.source_num_key_value_heads is None:  # the older form: num_key_value_heads was the source's
+            self.source_num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        elif self.num_key_value_heads not in (None, 1):
+            raise ValueError(f"num_key_value_heads is the cache's one row per layer: 1, got {self.num_key_value_heads}")
+        self.num_key_value_heads = 1
+        groups = self.source_num_key_value_heads
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         n = self.num_hidden_layers
-        self.tpa_rank_k = _per_layer(self.tpa_rank_k, n, "tpa_rank_k") or [self.num_key_value_heads] * n
-        self.tpa_rank_v = _per_layer(self.tpa_rank_v, n, "tpa_rank_v") or [self.num_key_value_heads] * n
+        self.tpa_rank_k = _per_layer(self.tpa_rank_k, n, "tpa_rank_k") or [groups] * n
+        self.tpa_rank_v = _per_layer(self.tpa_rank_v, n, "tpa_rank_v") or [groups] * n
         self.tpa_rank_q = _per_layer(self.tpa_rank_q, n, "tpa_rank_q")
-        full = self.num_key_value_heads * self.head_dim  # the source's K (or V) width: exact at this size
+        full = groups * self.head_dim  # the source's K (or V) width: exact at this size
         self.key_dim = _per_layer(self.key_dim, n, "key_dim") or [full] * n
         self.value_dim = _per_layer(self.value_dim, n, "value_dim") or [full] * n
         self.rope_dim = _per_layer(self.rope_dim, n, "rope_dim") or [full] * n
@@ -132,6 +148,13 @@ class FactorConvConfig(PreTrainedConfig):
                 "does not read: load it with trust_remote_code=True (its own modeling file) or convert it again"
             )
         return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict:
+        """Without the fields of the other kinds (they would describe a model this is not)."""
+        output = super().to_dict()
+        for name in {f for fields in KIND_FIELDS.values() for f in fields} - set(KIND_FIELDS[self.attention]):
+            output.pop(name, None)
+        return output
 
     def kv_cache_width(self, layer_idx: int) -> int:
         """Numbers cached per token in one layer (multiply by the dtype size for bytes)."""

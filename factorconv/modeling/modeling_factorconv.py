@@ -432,7 +432,7 @@ class SharedKVAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.num_heads, self.head_dim, self.num_groups = (
-            config.num_attention_heads, config.head_dim, config.num_key_value_heads
+            config.num_attention_heads, config.head_dim, config.source_num_key_value_heads
         )
         self.scaling = config.attention_scale
         self.is_causal = True

@@ -1,4 +1,5 @@
-"""Evaluation text as one stream of token ids: .txt, .jsonl (a "text" field per line) or pre-tokenized .npy."""
+"""Token data as one stream of ids, for calibration, fine-tuning and evaluation alike: .txt, .jsonl (a "text" field
+per line), pre-tokenized .npy, or a `datasets` name."""
 
 import json
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FactorConvError
+from .errors import FactorConvError
 
 
 def _read_text(path: Path) -> str:
