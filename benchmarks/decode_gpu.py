@@ -8,7 +8,8 @@ conversions), bf16, HF `generate`, greedy. For each model and batch × context c
   - decode step: a logits processor takes a timestamp after `torch.cuda.synchronize()` at every step; the step
     time is the median gap over `--steps` steps (after `--skip` warm-up steps, which hold the compilation of the
     static-cache decode), with the 10th–90th percentile;
-  - prefill: time to the first timestamp, median of the main run and `--prefill-repeats` more;
+  - prefill: time to the first timestamp, median of the main run and `--prefill-repeats` more (static cache: of
+    the repeats only, as the main run holds the compilation);
   - GPU busy (dynamic cache): the summed kernel time of a decode step under the profiler; the rest of the step
     is the GPU waiting for the host to launch kernels (HF's eager loop);
   - peak memory (max allocated during the main run), parameter bytes, cache bytes measured from the cache that
@@ -150,6 +151,8 @@ def measure_cell(model, batch: int, context: int, cache: str, args, device: torc
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, logits_processor=LogitsProcessorList([again]), **common)
         prefills.append(again.stamps[0] - start)
+    if cache == "static" and len(prefills) > 1:
+        prefills = prefills[1:]  # the main run compiled the static-cache forward on its way to the first token
     gaps = [b - a for a, b in zip(clock.stamps[args.skip :], clock.stamps[args.skip + 1 :])]
     quantiles = statistics.quantiles(gaps, n=10)
     return {
