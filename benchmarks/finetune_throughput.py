@@ -32,7 +32,7 @@ import factorconv
 from common import LLAMA_3_2_1B
 from factorconv.convert import convert
 from factorconv.finetune import FinetuneOptions, finetune
-from factorconv.finetune.loop import METRICS_FILE
+from factorconv.finetune.metrics import METRICS_FILE
 from factorconv.finetune.trainable import trainable_modules
 from factorconv.recipe import ConvertOptions
 

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from common import LLAMA_3_2_1B
 from finetune_throughput import build_source
 from factorconv.convert import convert
-from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE
+from factorconv.finetune.checkpoints import CHECKPOINTS
+from factorconv.finetune.metrics import METRICS_FILE
 from factorconv.recipe import ConvertOptions
 
 ROOT = Path(__file__).resolve().parents[1]

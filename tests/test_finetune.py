@@ -19,9 +19,12 @@ from transformers import AutoModelForCausalLM
 from factorconv.cli import main
 from factorconv.finetune import FinetuneOptions, finetune
 from factorconv.finetune import data as data_lib
-from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE, TIMING_KEYS, _Run, lr_at
+from factorconv.finetune import loop
+from factorconv.finetune.checkpoints import CHECKPOINTS
+from factorconv.finetune.metrics import METRICS_FILE, TIMING_KEYS
 from factorconv.finetune.output import SUMMARY_FILE
 from factorconv.finetune.options import default_lr
+from factorconv.finetune.schedule import lr_at
 
 SEQ = 32
 
@@ -148,14 +151,14 @@ def test_lora_saves_a_loadable_merged_model(tpa, tokens_file, tmp_path):
 
 def interrupt_at(monkeypatch, at: int, sig: signal.Signals):
     """Raise `sig` as training step `at` starts; returns the real train_step, to put back."""
-    original = _Run.train_step
+    original = loop.train_step
 
-    def interrupted(self, step):
+    def interrupted(training, step, stop):
         if step == at:
             signal.raise_signal(sig)
-        return original(self, step)
+        return original(training, step, stop)
 
-    monkeypatch.setattr(_Run, "train_step", interrupted)
+    monkeypatch.setattr(loop, "train_step", interrupted)
     return original
 
 
@@ -169,7 +172,7 @@ def test_resume_equals_an_uninterrupted_run(tpa, tokens_file, tmp_path, monkeypa
     resumed_dir = tmp_path / "resumed"
     with pytest.raises(Exception, match="stopped by SIGINT after step 5 of 10.*--resume"):
         finetune(options(tpa, resumed_dir, tokens_file, **common), progress=False)
-    monkeypatch.setattr(_Run, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     assert [p.name for p in (resumed_dir / CHECKPOINTS).iterdir()] == ["step-00000005"]
     assert not (resumed_dir / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
@@ -200,7 +203,7 @@ def test_interrupted_overwrite_keeps_the_previous_model(tpa, tokens_file, tmp_pa
     original = interrupt_at(monkeypatch, 1, signal.SIGTERM)
     with pytest.raises(Exception, match="stopped by SIGTERM.*still holds the previous model.*--overwrite"):
         finetune(options(tpa, out, tokens_file, steps=4, lr=1e-2, overwrite=True), progress=False)
-    monkeypatch.setattr(_Run, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     after = weights(out)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert len(metrics(out)) == 3  # the first run's: before training and 2 steps
@@ -221,7 +224,7 @@ def test_checkpoint_from_more_processes_resumes_with_more_accumulation(tpa, toke
     out = tmp_path / "run"
     with pytest.raises(Exception, match="--resume"):
         finetune(options(tpa, out, tokens_file, grad_accum=2, **common), progress=False)
-    monkeypatch.setattr(_Run, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     # Make the checkpoint look as if two processes wrote it, each with one micro-batch per step.
     state_file = next((out / CHECKPOINTS).iterdir()) / "trainer_state.json"
     state = json.loads(state_file.read_text())
