@@ -467,6 +467,62 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)
 
 
+GRAD_NORM_CHECK = '''
+import json, os, sys, types
+
+import torch
+from accelerate import Accelerator
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from factorconv.finetune.loop import clip_gradients
+
+accelerator = Accelerator(cpu=True)  # MULTI_CPU over gloo: sets up the process group
+mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+gradient = torch.arange(1.0, 17.0).reshape(8, 2)  # global; each rank holds 4 of its rows, as under FSDP2
+# accelerate before huggingface/accelerate#4219 returned torch's clip_grad_norm_ under FSDP2: a DTensor norm
+releases = {"accelerate<4219": types.SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_),
+            "accelerate": accelerator}
+results = {}
+for name, acc in releases.items():
+    for max_norm in (0.0, 1.0):
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(8, 2), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(gradient.clone(), mesh, [Shard(0)])
+        norm = clip_gradients(acc, (param,), max_norm)
+        results[f"{name} max_norm={max_norm}"] = {
+            "type": type(norm).__name__,
+            "norm": norm.item(),
+            "grad_norm_after": param.grad.full_tensor().norm().item(),
+        }
+with open(os.environ["GRAD_NORM_LOG"] + "." + str(accelerator.process_index) + ".json", "w") as f:
+    json.dump(results, f)
+'''
+
+
+def test_gradient_norm_of_sharded_gradients_comes_back_as_one_plain_number(tmp_path):
+    """FSDP2 shards gradients as DTensors: the logged norm is the global one as a plain tensor (some accelerate
+    releases hand back a DTensor, which would not join the step statistics), and max_grad_norm 0 clips nothing."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "grad_norm.py"
+    script.write_text(GRAD_NORM_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRAD_NORM_LOG": str(tmp_path / "norms")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    full = torch.arange(1.0, 17.0).norm().item()
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"norms.{rank}.json").read_text())
+        assert len(results) == 4
+        for case, got in results.items():
+            assert got["type"] == "Tensor", (rank, case, got)
+            assert got["norm"] == pytest.approx(full), (rank, case, got)
+            clipped_to = 1.0 if case.endswith("max_norm=1.0") else full
+            assert got["grad_norm_after"] == pytest.approx(clipped_to, rel=1e-5), (rank, case, got)
+
+
 def test_shipped_accelerate_configs_parse():
     from pathlib import Path
 
