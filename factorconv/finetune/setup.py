@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig
 
 from ..convert.source import resolve_source
 from ..errors import FactorConvError
-from ..evaluate.data import check_token_ids
+from ..evaluate.data import check_token_ids, first_tokenizer
 from ..output_folder import check_output_path, refuse_foreign
 from . import data as data_lib
 from .accelerator import on_main_then_all
@@ -119,17 +119,6 @@ def prepare_output(options: FinetuneOptions, inputs: Inputs, accelerator: "Accel
     return Folders(final=final, work=work, created=not used or options.overwrite)
 
 
-def _tokenizer(*folders: Path | None) -> PreTrainedTokenizerBase | None:
-    for folder in folders:
-        if folder is None:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, TypeError):
-            continue
-    return None
-
-
 def load_data(
     options: FinetuneOptions,
     inputs: Inputs,
@@ -140,7 +129,7 @@ def load_data(
     """Tokenize (on the main process, cached in the work folder), pack and split the data, and count the steps."""
     o, seq_len, world = options, inputs.seq_len, accelerator.num_processes
     train_sources, eval_sources = sources
-    tokenizer = _tokenizer(inputs.model, inputs.teacher)
+    tokenizer = first_tokenizer(inputs.model, inputs.teacher)
     cache = folders.work / TOKEN_CACHE
     tokens_per_step = o.batch_size * o.grad_accum * world * seq_len
     planned = o.tokens or (o.steps * tokens_per_step if o.steps else None)
