@@ -1,8 +1,9 @@
 """`factorconv finetune`: distillation healing of tiny converted models on CPU.
 
 Loss goes down, only the chosen weights move, LoRA saves a merged model that loads, an interrupted run resumed
-from its checkpoint equals an uninterrupted one, two processes stay in sync on disjoint data, bad input gets one
-line. The real-weights healing test (stories260K) lives in test_finetune_real.py.
+from its checkpoint equals an uninterrupted one, two processes stay in sync on disjoint data, the gradient norm of
+FSDP2-sharded gradients is logged as one global number, bad input gets one line. The real-weights healing test
+(stories260K) lives in test_finetune_real.py.
 """
 
 import json

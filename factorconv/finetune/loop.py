@@ -63,9 +63,11 @@ class StepStats(NamedTuple):
 
 @dataclass(frozen=True)
 class LoopResult:
+    """What the summary reports of the loop (a resumed run counts only its own session's time and tokens)."""
+
     final_ppl: float  # eval perplexity of the trained student
-    seconds: float  # in training steps (evaluation included), this session only
-    tokens: int  # trained in this session
+    seconds: float  # inside training steps (evaluation excluded)
+    tokens: int
 
 
 def clip_gradients(accelerator: "Accelerator", params: tuple[torch.nn.Parameter, ...], max_norm: float) -> torch.Tensor:

@@ -122,6 +122,7 @@ def describe(training: Training, inputs: Inputs, start: int, progress: bool) -> 
 
 
 def _heal(options: FinetuneOptions, accelerator: "Accelerator", progress: bool) -> Path:
+    """The stages in order; a failure before the first step removes the folder this run created."""
     main = accelerator.is_main_process
     inputs = resolve_inputs(options, accelerator)
     options = with_default_lr(options, inputs.config)
