@@ -33,7 +33,7 @@ import factorconv
 from factorconv.convert import convert
 from factorconv.convert.options import ConvertOptions
 from factorconv.finetune import FinetuneOptions, finetune
-from factorconv.finetune.loop import METRICS_FILE
+from factorconv.finetune.metrics import METRICS_FILE
 from factorconv.finetune.trainable import trainable_modules
 
 TINY = dict(

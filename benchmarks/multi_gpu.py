@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 
 from factorconv.convert import convert
 from factorconv.convert.options import ConvertOptions
-from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE
+from factorconv.finetune.checkpoints import CHECKPOINTS
+from factorconv.finetune.metrics import METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import FactorConvError
 
@@ -15,6 +16,18 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise FactorConvError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+
+
+def first_tokenizer(*folders: Path | None) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of the first folder that has a loadable one (a model may lack its own; its source has it)."""
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str) -> None:

@@ -1,8 +1,9 @@
 """`factorconv finetune`: distillation healing of tiny converted models on CPU.
 
 Loss goes down, only the chosen weights move, LoRA saves a merged model that loads, an interrupted run resumed
-from its checkpoint equals an uninterrupted one, two processes stay in sync on disjoint data, bad input gets one
-line. The real-weights healing test (stories260K) lives in test_finetune_real.py.
+from its checkpoint equals an uninterrupted one, two processes stay in sync on disjoint data, the gradient norm of
+FSDP2-sharded gradients is logged as one global number, bad input gets one line. The real-weights healing test
+(stories260K) lives in test_finetune_real.py.
 """
 
 import json
@@ -19,9 +20,12 @@ from transformers import AutoModelForCausalLM
 from factorconv.cli import main
 from factorconv.finetune import FinetuneOptions, finetune
 from factorconv.finetune import data as data_lib
-from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE, TIMING_KEYS, _Run, lr_at
+from factorconv.finetune import loop
+from factorconv.finetune.checkpoints import CHECKPOINTS
+from factorconv.finetune.metrics import METRICS_FILE, TIMING_KEYS
 from factorconv.finetune.output import SUMMARY_FILE
 from factorconv.finetune.options import default_lr
+from factorconv.finetune.schedule import lr_at
 
 SEQ = 32
 
@@ -148,14 +152,14 @@ def test_lora_saves_a_loadable_merged_model(tpa, tokens_file, tmp_path):
 
 def interrupt_at(monkeypatch, at: int, sig: signal.Signals):
     """Raise `sig` as training step `at` starts; returns the real train_step, to put back."""
-    original = _Run.train_step
+    original = loop.train_step
 
-    def interrupted(self, step):
+    def interrupted(training, step, stop):
         if step == at:
             signal.raise_signal(sig)
-        return original(self, step)
+        return original(training, step, stop)
 
-    monkeypatch.setattr(_Run, "train_step", interrupted)
+    monkeypatch.setattr(loop, "train_step", interrupted)
     return original
 
 
@@ -169,7 +173,7 @@ def test_resume_equals_an_uninterrupted_run(tpa, tokens_file, tmp_path, monkeypa
     resumed_dir = tmp_path / "resumed"
     with pytest.raises(Exception, match="stopped by SIGINT after step 5 of 10.*--resume"):
         finetune(options(tpa, resumed_dir, tokens_file, **common), progress=False)
-    monkeypatch.setattr(_Run, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     assert [p.name for p in (resumed_dir / CHECKPOINTS).iterdir()] == ["step-00000005"]
     assert not (resumed_dir / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
@@ -200,7 +204,7 @@ def test_interrupted_overwrite_keeps_the_previous_model(tpa, tokens_file, tmp_pa
     original = interrupt_at(monkeypatch, 1, signal.SIGTERM)
     with pytest.raises(Exception, match="stopped by SIGTERM.*still holds the previous model.*--overwrite"):
         finetune(options(tpa, out, tokens_file, steps=4, lr=1e-2, overwrite=True), progress=False)
-    monkeypatch.setattr(_Run, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     after = weights(out)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert len(metrics(out)) == 3  # the first run's: before training and 2 steps
@@ -221,7 +225,7 @@ def test_checkpoint_from_more_processes_resumes_with_more_accumulation(tpa, toke
     out = tmp_path / "run"
     with pytest.raises(Exception, match="--resume"):
         finetune(options(tpa, out, tokens_file, grad_accum=2, **common), progress=False)
-    monkeypatch.setattr(_Run, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     # Make the checkpoint look as if two processes wrote it, each with one micro-batch per step.
     state_file = next((out / CHECKPOINTS).iterdir()) / "trainer_state.json"
     state = json.loads(state_file.read_text())
@@ -462,6 +466,62 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp
     a, b = weights(out), weights(single)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-6)
+
+
+GRAD_NORM_CHECK = '''
+import json, os, sys, types
+
+import torch
+from accelerate import Accelerator
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from factorconv.finetune.loop import clip_gradients
+
+accelerator = Accelerator(cpu=True)  # MULTI_CPU over gloo: sets up the process group
+mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+gradient = torch.arange(1.0, 17.0).reshape(8, 2)  # global; each rank holds 4 of its rows, as under FSDP2
+# accelerate before huggingface/accelerate#4219 returned torch's clip_grad_norm_ under FSDP2: a DTensor norm
+releases = {"accelerate<4219": types.SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_),
+            "accelerate": accelerator}
+results = {}
+for name, acc in releases.items():
+    for max_norm in (0.0, 1.0):
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(8, 2), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(gradient.clone(), mesh, [Shard(0)])
+        norm = clip_gradients(acc, (param,), max_norm)
+        results[f"{name} max_norm={max_norm}"] = {
+            "type": type(norm).__name__,
+            "norm": norm.item(),
+            "grad_norm_after": param.grad.full_tensor().norm().item(),
+        }
+with open(os.environ["GRAD_NORM_LOG"] + "." + str(accelerator.process_index) + ".json", "w") as f:
+    json.dump(results, f)
+'''
+
+
+def test_gradient_norm_of_sharded_gradients_comes_back_as_one_plain_number(tmp_path):
+    """FSDP2 shards gradients as DTensors: the logged norm is the global one as a plain tensor (some accelerate
+    releases hand back a DTensor, which would not join the step statistics), and max_grad_norm 0 clips nothing."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "grad_norm.py"
+    script.write_text(GRAD_NORM_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRAD_NORM_LOG": str(tmp_path / "norms")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    full = torch.arange(1.0, 17.0).norm().item()
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"norms.{rank}.json").read_text())
+        assert len(results) == 4
+        for case, got in results.items():
+            assert got["type"] == "Tensor", (rank, case, got)
+            assert got["norm"] == pytest.approx(full), (rank, case, got)
+            clipped_to = 1.0 if case.endswith("max_norm=1.0") else full
+            assert got["grad_norm_after"] == pytest.approx(clipped_to, rel=1e-5), (rank, case, got)
 
 
 def test_shipped_accelerate_configs_parse():

@@ -355,7 +355,8 @@ def test_run_with_finetune(workdir):
 
 def test_run_knows_what_an_interrupted_finetune_leaves():
     """`run` resumes (never refuses) a fine-tuning output holding only checkpoints and metrics."""
-    from factorconv.finetune.loop import CHECKPOINTS, METRICS_FILE
+    from factorconv.finetune.checkpoints import CHECKPOINTS
+    from factorconv.finetune.metrics import METRICS_FILE
     from factorconv.run import FINETUNE_WORK_FILES
 
     assert set(FINETUNE_WORK_FILES) == {CHECKPOINTS, METRICS_FILE}

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..data import check_token_ids, load_tokens
+from ..data import check_token_ids, first_tokenizer, load_tokens
 from ..dtypes import DTYPES
 from ..errors import FactorConvError, first_of
 from ..model_folder import resolve_source
@@ -43,15 +43,6 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> PreTrain
     return model.to(device).eval()
 
 
-def _tokenizer(*folders: Path):
-    for folder in folders:
-        try:
-            return AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, TypeError):
-            continue
-    return None
-
-
 def evaluate_row(
     name: str, model: PreTrainedModel, tokens: torch.Tensor, seq_len: int, progress: bool
 ) -> EvalRow:
@@ -79,7 +70,7 @@ def evaluate(
     device = device or torch.device("cpu")
     runs = ([("source", compare)] if compare else []) + [("model", model_path)]
     folders = {name: resolve_source(name) for _, name in runs}
-    tokens = load_tokens(data, _tokenizer(folders[model_path], *([folders[compare]] if compare else [])), max_tokens)
+    tokens = load_tokens(data, first_tokenizer(folders[model_path], *([folders[compare]] if compare else [])), max_tokens)
     rows = []
     for label, name in runs:
         folder = folders[name]

@@ -5,7 +5,7 @@ KL(teacher ‖ student) (+ optional CE) and writes the healed model like a conve
 `python` on one device and under `accelerate launch` / `torchrun` on many (DDP, or FSDP via a config).
 """
 
-from .loop import finetune
 from .options import FinetuneOptions
+from .pipeline import finetune
 
 __all__ = ["FinetuneOptions", "finetune"]

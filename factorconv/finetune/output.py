@@ -90,32 +90,47 @@ def _card(folder: Path, name: str, model_folder: Path, recipe: dict, report: dic
     card.save(folder / CARD_FILE)
 
 
-def save_adapter(run, raw_state: dict, folder: Path) -> None:
+def save_adapter(model: torch.nn.Module, raw_state: dict, folder: Path, base_model: str) -> None:
     """The peft adapter (LoRA weights + the fully trained modules), loadable on the input model."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    model = run.accelerator.unwrap_model(run.student)
     adapter = get_peft_model_state_dict(model, state_dict=raw_state)
     folder.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(folder / "adapter_model.safetensors"))
     config = model.peft_config["default"]
-    config.base_model_name_or_path = run.options.model
+    config.base_model_name_or_path = base_model
     config.save_pretrained(folder)
 
 
-def write_outputs(run, state: dict[str, torch.Tensor], summary: dict) -> None:
-    """Everything a healed folder holds, staged in a hidden folder of OUT and moved in at the end."""
-    out, model_folder, options = run.out, run.model_folder, run.options
+def write_outputs(
+    out: Path,
+    name: str,
+    model_folder: Path,
+    state: dict[str, torch.Tensor],
+    summary: dict,
+    *,
+    dtype: torch.dtype,
+    lora_scaling: float | None,
+    max_shard_size: str,
+    model_type: str | None,
+    adapter: torch.nn.Module | None,
+) -> None:
+    """Everything a healed folder holds, staged in a hidden folder of OUT and moved in at the end.
+
+    `state` is the trained state dict (LoRA merged here with `lora_scaling`), written in `dtype` under the tensor
+    names of `model_folder`; `name` titles the model card; `adapter` is the unwrapped peft model when the adapter
+    is saved too.
+    """
     staging = out / f".model-partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         raw = _strip_wrappers(state)
-        merged = merge_lora_state_dict(raw, run.lora_scaling) if run.lora_scaling is not None else raw
+        merged = merge_lora_state_dict(raw, lora_scaling) if lora_scaling is not None else raw
         names = checkpoint_tensor_names(model_folder)
-        write_weights(staging, merged, names, run.output_dtype, parse_size(options.max_shard_size))
+        write_weights(staging, merged, names, dtype, parse_size(max_shard_size))
         shutil.copy(model_folder / "config.json", staging / "config.json")
-        if getattr(run.config, "model_type", None) == "factorconv":
+        if model_type == "factorconv":
             copy_modeling_files(staging)
         copy_tokenizer_files(staging, model_folder)
         recipe = _read_yaml(model_folder / RECIPE_FILE)
@@ -126,10 +141,10 @@ def write_outputs(run, state: dict[str, torch.Tensor], summary: dict) -> None:
         report["finetune"] = {k: v for k, v in summary.items() if k != "options"}
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        if getattr(run.config, "model_type", None) == "factorconv":
-            _card(staging, run.final_out.name, model_folder, recipe, report, summary)
-        if options.save_adapter:
-            save_adapter(run, raw, staging / ADAPTER_DIR)
+        if model_type == "factorconv":
+            _card(staging, name, model_folder, recipe, report, summary)
+        if adapter is not None:
+            save_adapter(adapter, raw, staging / ADAPTER_DIR, summary["model"])
         for stale in list(out.glob("model*.safetensors")) + list(out.glob(INDEX_FILE)):
             stale.unlink()
         for item in staging.iterdir():
