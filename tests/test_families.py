@@ -68,8 +68,8 @@ def test_family_names_are_the_transformers_ones(family):
 
 
 def test_supported_families_share_the_names_the_pipeline_walks():
-    """convert/layers.py walks every source with HF_ATTENTION's pattern and reads through SourceAttention's
-    default names: a family with other names must pass its own there before it is registered."""
+    """convert/layers.py walks every source with HF_ATTENTION's pattern and kinds/layer.py's SourceAttention reads
+    under its names: a family with other names must take its own through both before it is registered."""
     assert all(family.attention == HF_ATTENTION for family in FAMILIES)
 
 

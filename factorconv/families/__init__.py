@@ -5,7 +5,7 @@ from transformers import PreTrainedConfig
 
 from ..errors import FactorConvError
 from .refused import GEMMA, GEMMA2, GEMMA3, PHI3, QWEN3
-from .spec import HF_ATTENTION, PROJECTIONS, AttentionNames, RefusedFamily, SourceFamily
+from .spec import HF_ATTENTION, AttentionNames, RefusedFamily, SourceFamily
 from .supported import LLAMA, MISTRAL, QWEN2
 
 FAMILIES: tuple[SourceFamily, ...] = (LLAMA, MISTRAL, QWEN2)
@@ -48,7 +48,6 @@ def family_of(config: PreTrainedConfig) -> SourceFamily:
 __all__ = [
     "FAMILIES",
     "HF_ATTENTION",
-    "PROJECTIONS",
     "REFUSED",
     "SUPPORTED_ARCHITECTURES",
     "AttentionNames",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..families import HF_ATTENTION, AttentionNames
+from ..families import HF_ATTENTION
 from ..modeling import FactorConvConfig
 from ..modeling.modeling_factorconv import ATTENTION_CLASSES
 
@@ -53,20 +53,18 @@ class LayerResult:
 
 class SourceAttention:
     """One source layer's q/k/v/o projections, read on demand in float32 on the conversion device, under the
-    source family's tensor names (`names`); `prefix` is where the converted layer's own tensors go."""
+    tensor names every supported family shares (families.HF_ATTENTION); `prefix` is where the converted layer's
+    own tensors go."""
 
-    def __init__(
-        self, read: Callable[[str], torch.Tensor | None], layer: int, device: torch.device,
-        names: AttentionNames = HF_ATTENTION,
-    ) -> None:
+    def __init__(self, read: Callable[[str], torch.Tensor | None], layer: int, device: torch.device) -> None:
         self.prefix, self._read, self.device = f"model.layers.{layer}.self_attn.", read, device
-        self.layer, self.names = layer, names
+        self.layer = layer
 
     def weight(self, proj: str) -> torch.Tensor:
-        return self._read(self.names.tensor(self.layer, proj)).to(device=self.device, dtype=torch.float32)
+        return self._read(HF_ATTENTION.tensor(self.layer, proj)).to(device=self.device, dtype=torch.float32)
 
     def bias(self, proj: str) -> torch.Tensor | None:
-        tensor = self._read(self.names.tensor(self.layer, proj, "bias"))
+        tensor = self._read(HF_ATTENTION.tensor(self.layer, proj, "bias"))
         return None if tensor is None else tensor.to(device=self.device, dtype=torch.float32)
 
 
