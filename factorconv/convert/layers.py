@@ -1,15 +1,16 @@
 """Per-layer conversion of source attention tensors into the target's tensors, by the config's kind."""
 
-import re
 from collections.abc import Callable
 
 import torch
 
+from ..families import HF_ATTENTION
 from ..kinds import KINDS
 from ..kinds.layer import LayerResult, LayerStatistics, SourceAttention
 from ..modeling import FactorConvConfig
 
-ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.[qkvo]_proj\.(weight|bias)$")
+# The source's attention tensors (group 1: the layer): every supported family's, which share Llama's names.
+ATTENTION_TENSOR = HF_ATTENTION.pattern
 
 
 def convert_attention(

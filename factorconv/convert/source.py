@@ -10,18 +10,19 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..errors import FactorConvError, first_of
+from ..families import SourceFamily, accepted_architecture, family_of
 from ..output_folder import INDEX_FILE, SINGLE_FILE
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Tensors some checkpoints carry that no model reads (old transformers saved the RoPE table).
 UNUSED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class SourceCheckpoint:
-    """Config and lazily read tensors of a supported Llama-family checkpoint in safetensors format."""
+    """Config and lazily read tensors of a checkpoint in safetensors format: a source of a supported family
+    (factorconv/families/), or with `architectures` a folder of one of those (export reads factorconv folders)."""
 
     def __init__(
-        self, folder: Path, require_weights: bool = True, architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES
+        self, folder: Path, require_weights: bool = True, architectures: tuple[str, ...] | None = None
     ) -> None:
         self.folder = folder
         if not (folder / "config.json").is_file():
@@ -30,11 +31,9 @@ class SourceCheckpoint:
             self.config: PreTrainedConfig = AutoConfig.from_pretrained(folder)
         except (ValueError, KeyError, OSError) as err:
             raise FactorConvError(f"cannot read {folder / 'config.json'}: {err}".splitlines()[0]) from None
-        found = getattr(self.config, "architectures", None) or []
-        if not found or found[0] not in architectures:
-            name = found[0] if found else f"model_type {self.config.model_type!r}"
-            raise FactorConvError(f"unsupported architecture {name}; supported: {', '.join(architectures)}")
-        self.architecture = found[0]
+        # Refused before any weight is read, so a config.json alone gets the reason.
+        self.family: SourceFamily | None = family_of(self.config) if architectures is None else None
+        self.architecture = accepted_architecture(self.config, architectures or self.family.architectures)
         has_files = (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
         self._file_of = self._index_tensors() if require_weights or has_files else {}
 

@@ -24,11 +24,11 @@ def output_dtype(options: ConvertOptions, source: SourceCheckpoint) -> torch.dty
     return declared if declared in DTYPES.values() else torch.float32
 
 
-def _has_bias(source: SourceCheckpoint, name: str, qkv_default: bool) -> bool:
+def _has_bias(source: SourceCheckpoint, name: str, from_config: bool) -> bool:
     """From the weights when present; from the config alone (planning) otherwise."""
     if source.has_weights:
         return source.has(name)
-    return qkv_default or bool(getattr(source.config, "attention_bias", False))
+    return from_config
 
 
 def build_target_config(
@@ -39,18 +39,18 @@ def build_target_config(
     MFA / MFA-KR pair tables are filled in per layer by the conversion (they depend on the weights).
     `plans` (from a KV budget) give per-layer widths that replace the scalar options.
     """
-    cfg, kind = source.config, options.kind
+    cfg, kind, family = source.config, options.kind, source.family
+    names = family.attention
     geometry = Geometry.of(cfg)
     kind.check_widths(options, geometry, cfg.hidden_size)
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < cfg.max_position_embeddings:
+    window = family.window(cfg)
+    if window is not None:
         logger.warning(
             "the source uses a %d-token sliding window; the converted model attends to the full context, "
             "so outputs match only on sequences up to %d tokens",
             window,
             window,
         )
-    layer0 = "model.layers.0."
     per_layer = {}
     widths = kind.serving_widths(options, geometry) if plans is None else None
     if widths is not None:
@@ -75,9 +75,9 @@ def build_target_config(
         eos_token_id=cfg.eos_token_id,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         rope_parameters=dict(cfg.rope_parameters),
-        qkv_bias=_has_bias(source, layer0 + "self_attn.q_proj.bias", cfg.model_type == "qwen2"),
-        o_bias=_has_bias(source, layer0 + "self_attn.o_proj.bias", False),
-        mlp_bias=_has_bias(source, layer0 + "mlp.gate_proj.bias", bool(getattr(cfg, "mlp_bias", False))),
+        qkv_bias=_has_bias(source, names.tensor(0, "q", "bias"), family.has_bias("q", cfg)),
+        o_bias=_has_bias(source, names.tensor(0, "o", "bias"), family.has_bias("o", cfg)),
+        mlp_bias=_has_bias(source, "model.layers.0.mlp.gate_proj.bias", family.has_mlp_bias(cfg)),
         attention=kind.name,
         **kind.config_fields(options),
         serving_format=options.serving_format,

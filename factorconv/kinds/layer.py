@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..families import HF_ATTENTION
 from ..modeling import FactorConvConfig
 from ..modeling.modeling_factorconv import ATTENTION_CLASSES
 
@@ -51,16 +52,19 @@ class LayerResult:
 
 
 class SourceAttention:
-    """One source layer's q/k/v/o projections, read on demand in float32 on the conversion device."""
+    """One source layer's q/k/v/o projections, read on demand in float32 on the conversion device, under the
+    tensor names every supported family shares (families.HF_ATTENTION); `prefix` is where the converted layer's
+    own tensors go."""
 
     def __init__(self, read: Callable[[str], torch.Tensor | None], layer: int, device: torch.device) -> None:
         self.prefix, self._read, self.device = f"model.layers.{layer}.self_attn.", read, device
+        self.layer = layer
 
     def weight(self, proj: str) -> torch.Tensor:
-        return self._read(f"{self.prefix}{proj}_proj.weight").to(device=self.device, dtype=torch.float32)
+        return self._read(HF_ATTENTION.tensor(self.layer, proj)).to(device=self.device, dtype=torch.float32)
 
     def bias(self, proj: str) -> torch.Tensor | None:
-        tensor = self._read(f"{self.prefix}{proj}_proj.bias")
+        tensor = self._read(HF_ATTENTION.tensor(self.layer, proj, "bias"))
         return None if tensor is None else tensor.to(device=self.device, dtype=torch.float32)
 
 
