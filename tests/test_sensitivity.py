@@ -11,6 +11,7 @@ from conftest import random_ids
 from factorconv.cli import main
 from factorconv.convert import convert, sensitivity
 from factorconv.convert.calibrate import AsSourceAttention
+from factorconv.convert.conversion import resolve_plan
 from factorconv.convert.options import ConvertOptions
 from factorconv.convert.plan import plan_layers
 from factorconv.convert.source import SourceCheckpoint
@@ -23,19 +24,19 @@ def _probe(source_dir, tmp_path, budget: float, monkeypatch, to: str = "mfa_kr")
     """Run the probe at uniform widths; return its sensitivities, the tokens and the converted modules it built."""
     options = ConvertOptions(source=str(source_dir), output=tmp_path / "out", to=to, kv_budget=budget,
                              calib="unused", allocation="measured")
-    source = SourceCheckpoint(source_dir)
+    plan, source = resolve_plan(options), SourceCheckpoint(source_dir)
     geometry = Geometry.of(source.config)
-    flat = [KINDS[to].components(geometry, options)] * geometry.layers
-    uniform = plan_layers(options, geometry, flat, False)
+    flat = [KINDS[to].components(geometry, plan.target)] * geometry.layers
+    uniform = plan_layers(plan.target, "uniform", geometry, flat, False)
     built = []
     real_module = sensitivity.attention_module
     monkeypatch.setattr(sensitivity, "attention_module", lambda *a, **k: built.append(real_module(*a, **k)) or built[-1])
     tokens = random_ids(20, 16, seed=11)
 
     def spectra(src, moment):
-        return KINDS[to].components(geometry, options, src, moment)
+        return KINDS[to].components(geometry, plan.target, src, moment)
 
-    probed = sensitivity.probe_layers(options, source, tokens, torch.device("cpu"), uniform, spectra, progress=False)
+    probed = sensitivity.probe_layers(plan, source, tokens, uniform, spectra, progress=False)
     return probed, tokens, built
 
 

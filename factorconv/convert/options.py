@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..kinds import KIND_OPTIONS, KINDS, REFINE_DEFAULTS_TEXT, TargetKind
+from ..kinds import KIND_OPTIONS, KINDS, REFINE_DEFAULTS_TEXT, TargetKind, TargetSpec
 
 KindName = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # "tpa", "mfa", "mfa_kr": the registry's names
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -135,17 +135,18 @@ class ConvertOptions(BaseModel):
         return self.calib is not None and self.init != "weight"
 
     @property
-    def query_aware(self) -> bool:
-        return self.init == "query-aware"
-
-    @property
     def kind(self) -> TargetKind:
         return KINDS[self.to]
+
+    def target(self) -> TargetSpec:
+        """The target kind with its own options' values: what planning and the config read."""
+        settings = {name: getattr(self, name) for name in self.kind.options}
+        return TargetSpec(self.kind, settings, self.kv_budget, self.init == "query-aware")
 
     @property
     def serving_format(self) -> str | None:
         """The stock architecture the conversion is built to export as."""
-        return self.kind.serving_format(self)
+        return self.kind.serving_format(self.target())
 
     @property
     def layer_refine_steps(self) -> int:
