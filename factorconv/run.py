@@ -18,10 +18,10 @@ from . import __version__
 from .card import CardResults, source_license, write_model_card
 from .convert.options import ConvertOptions
 from .convert.plan import PlanReport, describe_plan, make_plan
-from .errors import FactorConvError
+from .errors import FactorConvError, OptionError
 from .hub import HUB_FAILURES, HUB_ID, failure_line, folder_problems, push, require_token
 from .output_folder import RECIPE_FILE, check_output_path, refuse_foreign
-from .recipe import Recipe, convert_key, flags_to_keys, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, recipe_phrase
 
 logger = logging.getLogger("factorconv")
 
@@ -44,8 +44,8 @@ def plan_recipe(recipe: Recipe, folder: Path) -> PlanReport:
     options = recipe.convert_options()
     try:
         return make_plan(options, folder)
-    except FactorConvError as err:
-        raise FactorConvError(flags_to_keys(str(err), convert_key)) from None
+    except OptionError as err:
+        raise RecipeError(recipe_phrase(err)) from None
 
 
 def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
@@ -149,7 +149,10 @@ def run_recipe(
         from .convert import convert
 
         echo(f"convert   {recipe.source.model} -> {converted} ({_target_summary(options)})")
-        convert(options.model_copy(update={"overwrite": converted.exists()}), progress=progress)
+        try:
+            convert(options.model_copy(update={"overwrite": converted.exists()}), progress=progress)
+        except OptionError as err:
+            raise RecipeError(f"{path}: {recipe_phrase(err)}") from None
     _finish(converted, {"convert": convert_record}, recipe_text, license_=license_)
 
     if finetune_options is not None:

@@ -82,14 +82,14 @@ def test_measured_allocation_meets_the_budget_and_differs_from_uniform(source_di
 
 
 def test_measured_allocation_needs_calibration_and_a_budget(source_dirs, tmp_path):
-    for bad, fix in ((dict(kv_budget=0.5), "pass kv_budget and calib"),
-                     (dict(calib="x.txt", rope_dim=8), "pass kv_budget and calib"),
+    for bad, fix in ((dict(kv_budget=0.5), "pass --kv-budget and --calib"),
+                     (dict(calib="x.txt", rope_dim=8), "pass --kv-budget and --calib"),
                      (dict(calib="x.txt", kv_budget=0.5, mla=True), "drop allocation measured")):
         with pytest.raises(ValueError, match=fix):
             ConvertOptions(source="s", output=tmp_path, to="mfa_kr", allocation="measured", **bad)
     result = CliRunner().invoke(main, ["convert", str(source_dirs["llama_gqa"]), str(tmp_path / "o"), "--to",
                                        "mfa-kr", "--kv-budget", "0.5", "--allocation", "measured"])
-    assert result.exit_code != 0 and "pass kv_budget and calib" in result.output
+    assert result.exit_code != 0 and "pass --kv-budget and --calib" in result.output
     assert not (tmp_path / "o").exists()
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import OptionError, option
 from ..kinds import KIND_OPTIONS, KINDS, REFINE_DEFAULTS_TEXT, TargetKind, TargetSpec
 
 KindName = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # "tpa", "mfa", "mfa_kr": the registry's names
@@ -110,24 +111,25 @@ class ConvertOptions(BaseModel):
             if getattr(self, name) in (None, False):
                 continue
             owners = [k.name for k in KINDS.values() if name in k.options]
-            raise ValueError(f"{name} applies to --to {'/'.join(owners)}, not {self.to}")
+            raise OptionError(f"{option(name)} applies to {option('to')} {'/'.join(owners)}, not {self.to}")
         widths = kind.given_widths(self)
         if self.kv_budget is not None and widths:
             raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(widths)}")
         kind.validate(self)
         for owner in KINDS.values():
             if self.init in owner.inits and owner is not kind:
-                raise ValueError(f"init {self.init!r} {owner.inits[self.init]}")
+                raise OptionError(f"{option('init')} {self.init!r} {owner.inits[self.init]}")
         if self.allocation == "auto":  # resolved here, so what is saved with the output says what ran
             fixed = self.serving_format is not None or self.kv_budget is None or self.calib is None
             self.allocation = "uniform" if fixed else "measured"
         self.refine_lr = kind.refine_lr if self.refine_lr is None else self.refine_lr
         self.refine_schedule = kind.refine_schedule if self.refine_schedule is None else self.refine_schedule
         if self.allocation == "measured" and (self.calib is None or self.kv_budget is None):
-            raise ValueError("allocation 'measured' spreads a kv_budget by layer sensitivity measured on calibration "
-                             "data: pass kv_budget and calib")
+            raise OptionError("{allocation} 'measured' spreads a KV budget by layer sensitivity measured on "
+                              "calibration data: pass {kv_budget} and {calib}")
         if self.calib is None and (self.init in ("stats", "query-aware", "als") or (self.refine_steps or 0) > 0):
-            raise ValueError(f"init {self.init!r} and refine_steps need calibration data: pass calib")
+            raise OptionError(f"{option('init')} {self.init!r} and {option('refine_steps')} need calibration data: "
+                              f"pass {option('calib')}")
         return self
 
     @property

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FactorConvError
+from ..errors import OptionError, option
 from ..evaluate.kv_cache import analytic_kv_bytes_per_token
 from ..factorize.allocate import Component, greedy_allocation, level_allocation, uniform_allocation
 from ..kinds import Geometry, TargetSpec
@@ -105,8 +105,8 @@ def plan_layers(
         widths = allocate(layers, budget)
     except ValueError as err:
         least = sum(c.minimum * c.unit_width for c in layers[0]) / geometry.source_width
-        raise FactorConvError(
-            f"--kv-budget {target.kv_budget} is too small for {target.kind.name}: {err}; the least it can cache is "
+        raise OptionError(
+            f"{option('kv_budget')} {target.kv_budget} is too small for {target.kind.name}: {err}; the least it can cache is "
             f"{least:.1%} of the source's KV bytes"
         ) from None
     plans = []

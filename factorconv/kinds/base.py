@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import FactorConvError
+from ..errors import OptionError, option
 from ..factorize.allocate import Component
 from ..modeling import FactorConvConfig
 from .layer import LayerResult, LayerStatistics, SourceAttention
@@ -62,12 +62,10 @@ class TargetSpec:
         return replace(self, settings={**self.settings, **changes})
 
 
-def check_range(option: str, value: int | None, upper: int, what: str) -> None:
-    """An explicit rank or width must lie in 1..upper; the error names the command-line flag."""
+def check_range(name: str, value: int | None, upper: int, what: str) -> None:
+    """An explicit rank or width must lie in 1..upper; the error names the option."""
     if value is not None and not 1 <= value <= upper:
-        raise FactorConvError(
-            f"--{option.replace('_', '-')} {value} is out of range: it must be between 1 and {upper} ({what})"
-        )
+        raise OptionError(f"{option(name)} {value} is out of range: it must be between 1 and {upper} ({what})")
 
 
 def flat_gains(count: int) -> list[float]:
@@ -90,7 +88,7 @@ class TargetKind:
     switches: ClassVar[tuple[str, ...]] = ()  # its other ConvertOptions fields (flags, shapes)
     widths: ClassVar[tuple[str, str]]  # the two sizes a kv_budget allocates (plan order)
     config_names: ClassVar[dict[str, str]] = {}  # option name -> FactorConvConfig field, where they differ
-    inits: ClassVar[dict[str, str]] = {}  # init methods only this kind takes -> what they do and how to ask for it
+    inits: ClassVar[dict[str, str]] = {}  # init methods only this kind takes -> what they do, how to ask (template)
     refine_lr: ClassVar[float]  # default refinement step (fraction of each tensor's RMS)
     refine_schedule: ClassVar[str]  # default refinement schedule
     modeling_class: ClassVar[str]  # the attention class in modeling/modeling_factorconv.py
@@ -121,7 +119,7 @@ class TargetKind:
         return None
 
     def check_widths(self, target: TargetSpec, geometry: Geometry, hidden: int) -> None:
-        """Explicit ranks/widths against the source's shapes; raise FactorConvError naming the flag."""
+        """Explicit ranks/widths against the source's shapes; raise OptionError naming the option."""
         raise NotImplementedError
 
     def config_fields(self, target: TargetSpec) -> dict:

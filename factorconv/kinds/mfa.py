@@ -21,7 +21,7 @@ class MFAKind(SharedKVKind):
     switches = ("mqa",)
     widths = ("key_dim", "value_dim")
     symbols = ("d_K", "d_V")
-    inits = {"query-aware": "weights MFA's key merge: use it with --to mfa"}
+    inits = {"query-aware": "weights MFA's key merge: use it with {to} mfa"}
     # MFA/MFA-KR want the warm-up + cosine schedule at 0.02 (SmolLM2 MFA-KR 1.200x; 1.213x at 0.04; 1.24x
     # constant; benchmarks/results/refine_lr_*.md).
     refine_lr = 0.02

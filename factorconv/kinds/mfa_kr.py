@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import FactorConvError
+from ..errors import FactorConvError, OptionError, option
 from ..factorize.common import split_bias_column
 from ..factorize.key_reuse import key_reuse_inits, latent_norm_weight, phase_average
 from ..factorize.mfa import strided_pairs
@@ -59,26 +59,26 @@ class MFAKRKind(SharedKVKind):
         d, source_width = geometry.head_dim, geometry.source_width
         if target["mla_shape"] is not None:
             nope, rope = (int(part) for part in target["mla_shape"].split("+"))
-            where = f"--mla-shape {target['mla_shape']}"
+            where = f"{option('mla_shape')} {target['mla_shape']}"
         else:
             width = int(target.kv_budget * source_width)
-            where = f"--kv-budget {target.kv_budget}"
+            where = f"{option('kv_budget')} {target.kv_budget}"
             # Every source frequency once when it fits in half the layer's width (measured best:
             # benchmarks/results/quality_*.md), else the widest standard RoPE part that does. DeepSeek-V3 itself
             # rotates 64 of 128.
             fitting = [w for w in range(2, d + 1, 2) if d % w == 0 and w <= width // 2]
             if not fitting:
-                raise FactorConvError(f"{where} is too small for --mla: the least it can cache is "
+                raise OptionError(f"{where} is too small for {option('mla')}: the least it can cache is "
                                       f"{4 / source_width:.1%} of the source")
             rope = fitting[-1]
             nope = width - rope
         if rope % 2 or not 2 <= rope <= d or d % rope:
-            raise FactorConvError(
+            raise OptionError(
                 f"{where}: the RoPE part ({rope}) must be even and divide the head dim {d} (e.g. {d // 2}), so that "
                 "its frequencies are the source's"
             )
         if not 1 <= nope <= source_width - rope:
-            raise FactorConvError(
+            raise OptionError(
                 f"{where}: the latent (kv_lora_rank, {nope}) must be between 1 and {source_width - rope} for this "
                 f"source, e.g. {d}+{d // 2}"
             )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..errors import FactorConvError
+from ..errors import OptionError, option
 from ..factorize.allocate import Component
 from ..factorize.common import with_bias_column
 from ..factorize.mfa import ValueBasis, key_gains, low_rank_queries, pair_moments, query_pair_energy, value_gains
@@ -31,8 +31,7 @@ class SharedKVKind(TargetKind):
             check_range(name, target[name], full, "KV heads × head dim")
         rotated = target[self.widths[0]]
         if rotated is not None and rotated % 2:
-            flag = "--" + self.widths[0].replace("_", "-")
-            raise FactorConvError(f"{flag} {rotated} must be even: RoPE rotates pairs of dimensions")
+            raise OptionError(f"{option(self.widths[0])} {rotated} must be even: RoPE rotates pairs of dimensions")
         check_range("query_rank", target["query_rank"], min(hidden, geometry.heads * geometry.head_dim),
                     "hidden size and query width")
 

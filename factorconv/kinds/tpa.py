@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import OptionError, option
 from ..factorize.allocate import Component
 from ..factorize.common import cholesky_whitening, input_moment
 from ..factorize.tpa import TensorProductInit, head_mode_gains, relative_error, tensor_product_init
@@ -18,7 +19,7 @@ from .layer import LayerReport, LayerResult, LayerStatistics, SourceAttention, f
 if TYPE_CHECKING:
     from ..convert.options import ConvertOptions
 
-ALS = "fits contextual TPA factors: use it with --to tpa --contextual"
+ALS = "fits contextual TPA factors: use it with {to} tpa {contextual}"  # an OptionError's template
 
 
 class TPAKind(TargetKind):
@@ -37,7 +38,7 @@ class TPAKind(TargetKind):
 
     def validate(self, options: ConvertOptions) -> None:
         if options.init == "als" and not options.contextual:
-            raise ValueError(f"init 'als' {ALS}")
+            raise OptionError(f"{option('init')} 'als' {ALS}")
 
     def check_widths(self, target: TargetSpec, geometry: Geometry, hidden: int) -> None:
         check_range("rank_k", target["rank_k"], geometry.kv_heads, "the source's KV heads")
