@@ -38,10 +38,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsP
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLAMA_3_1_8B, LLAMA_3_2_1B, TINY_LLAMA, machine  # noqa: E402
 
+from factorconv.convert.conversion import resolve_plan  # noqa: E402
 from factorconv.convert.options import ConvertOptions  # noqa: E402
-from factorconv.convert.plan import allocate_widths  # noqa: E402
+from factorconv.convert.plan import plan_target  # noqa: E402
 from factorconv.convert.source import SourceCheckpoint  # noqa: E402
-from factorconv.convert.target import build_target_config  # noqa: E402
 from factorconv.evaluate.kv_cache import cache_bytes  # noqa: E402
 from factorconv.modeling import CACHE_KEY, FactorConvForCausalLM, output_cache  # noqa: E402
 from factorconv.modeling.modeling_factorconv import single_head_attention  # noqa: E402
@@ -88,7 +88,7 @@ def target_config(source_config: LlamaConfig, to: str, budget: float):
         source_config.save_pretrained(tmp)
         options = ConvertOptions(source=tmp, output=Path(tmp) / "out", to=to, kv_budget=budget)
         source = SourceCheckpoint(Path(tmp), require_weights=False)
-        return build_target_config(source, options, allocate_widths(options, source, None, torch.device("cpu")))
+        return plan_target(resolve_plan(options), source, None).config
 
 
 def label(config) -> str:

@@ -17,10 +17,10 @@ from common import convert_and_load, machine, measure
 from quality import MODELS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import factorconv.convert.pipeline as pipeline
+import factorconv.convert.plan as planning
 from factorconv.data import load_tokens
 
-BUILD_CONFIG = pipeline.build_target_config
+BUILD_CONFIG = planning.build_target_config
 
 
 def _without_latent_norm(*args, **kwargs):
@@ -52,11 +52,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, options, build in variants:
-            pipeline.build_target_config = build
+            planning.build_target_config = build
             try:
                 model, seconds = convert_and_load(spec["folder"], Path(tmp) / "out", to="mfa_kr", **calib, **options)
             finally:
-                pipeline.build_target_config = BUILD_CONFIG
+                planning.build_target_config = BUILD_CONFIG
             if options.get("mla"):
                 label += f" ({model.config.nope_dim[0]}+{model.config.rope_dim[0]})" if "default" in label else ""
             rows.append(measure(label, model, tokens, spec["seq_len"], base, seconds))

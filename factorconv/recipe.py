@@ -3,7 +3,6 @@ options (`convert.options.ConvertOptions`, `finetune.options.FinetuneOptions`)."
 
 import copy
 import difflib
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .convert.options import ConvertOptions, DeviceName, DType, KindName
-from .errors import FactorConvError
+from .errors import FactorConvError, OptionError, option_error_of
 from .hub import HUB_ID
 
 # --- Recipes: the whole pipeline in one YAML file (`factorconv run`, `factorconv validate`) ---------------------------
@@ -148,8 +147,7 @@ class Recipe(_Section):
         try:
             return ConvertOptions(**{**values, **run_fields})
         except ValidationError as err:
-            line = flags_to_keys(_error_line(err, _convert_path), convert_key).replace("pass calib", "add calibration")
-            raise RecipeError(line) from None
+            raise RecipeError(_error_line(err, _convert_path, recipe_phrase)) from None
 
     def finetune_options(self, **run_fields: Any):
         """FinetuneOptions from the `finetune` section plus what `run` fills in (model, teacher, output, ...)."""
@@ -170,15 +168,15 @@ class Recipe(_Section):
         try:
             return model(**values)
         except ValidationError as err:
-            line = _error_line(err, lambda loc: "finetune." + _dotted(loc) if loc else "finetune")
-            raise RecipeError(flags_to_keys(line, lambda name: f"finetune.{name}" if name in fields else None)) from None
+            raise RecipeError(_error_line(err, _finetune_path, lambda e: e.phrase(lambda name: f"finetune.{name}"))) from None
 
 
 FINETUNE_MISSING = "finetune: fine-tuning is not available in this version of factorconv; remove the finetune section"
 
 
 def recipe_key(field: str) -> str | None:
-    """Where ConvertOptions' `field` lives in a recipe ('target.kv_budget', 'calibration.samples', ...)."""
+    """Where ConvertOptions' `field` lives in a recipe ('target.kv_budget', 'calibration.samples', ...); None:
+    decided by `run` (overwrite)."""
     if field in RECIPE_KEYS:
         return RECIPE_KEYS[field]
     if field.startswith("calib_"):
@@ -186,19 +184,9 @@ def recipe_key(field: str) -> str | None:
     return "target." + field
 
 
-def convert_key(field: str) -> str | None:
-    """recipe_key for ConvertOptions fields only (None for other names)."""
-    return recipe_key(field) if field in ConvertOptions.model_fields else None
-
-
-def flags_to_keys(message: str, key_of) -> str:
-    """Rewrite command-line flags in a message ('--kv-budget', '--to') as recipe keys ('target.kv_budget')."""
-
-    def replace(match: re.Match) -> str:
-        key = key_of(match.group(1).replace("-", "_"))
-        return key if key else match.group(0)
-
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", replace, message)
+def recipe_phrase(err: OptionError) -> str:
+    """A conversion option's error with the options named as the recipe's keys (target.kv_budget)."""
+    return err.phrase(lambda name: recipe_key(name) or name)
 
 
 def section_keys(section: str) -> list[str]:
@@ -335,6 +323,10 @@ def _dotted(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def _finetune_path(loc: tuple) -> str:
+    return "finetune." + _dotted(loc) if loc else "finetune"
+
+
 def _convert_path(loc: tuple) -> str:
     if not loc:
         return "target"
@@ -342,12 +334,15 @@ def _convert_path(loc: tuple) -> str:
     return ".".join([key, *map(str, loc[1:])])
 
 
-def _error_line(err: ValidationError, path_of) -> str:
-    """First pydantic error as '<key path>: <expectation> (got <value>)', plus how many more there are."""
+def _error_line(err: ValidationError, path_of, phrase=None) -> str:
+    """First pydantic error as '<key path>: <expectation> (got <value>)', plus how many more there are; a
+    validator's OptionError is phrased by `phrase` (its options named as recipe keys)."""
     errors = err.errors()
     first = errors[0]
     path = path_of(tuple(first["loc"]))
     message = first["msg"].removeprefix("Value error, ")
+    if phrase is not None and (found := option_error_of(err)) is not None:
+        message = phrase(found)
     if first["type"] == "missing":
         line = f"{path}: required"
     elif not first["loc"] or first["type"] == "value_error":

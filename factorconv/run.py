@@ -10,20 +10,18 @@ model card embeds it.
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
 from . import __version__
 from .card import CardResults, source_license, write_model_card
 from .convert.options import ConvertOptions
-from .errors import FactorConvError
-from .evaluate.kv_cache import analytic_kv_bytes_per_token
+from .convert.plan import PlanReport, describe_plan, make_plan
+from .errors import FactorConvError, OptionError
 from .hub import HUB_FAILURES, HUB_ID, failure_line, folder_problems, push, require_token
 from .output_folder import RECIPE_FILE, check_output_path, refuse_foreign
-from .recipe import Recipe, convert_key, flags_to_keys, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, recipe_phrase
 
 logger = logging.getLogger("factorconv")
 
@@ -40,117 +38,14 @@ FINETUNE_WORK_FILES = (".checkpoints", "finetune_metrics.jsonl")
 # --- validate ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RecipePlan:
-    """What a recipe's conversion will produce, from the source config (and weights when they are local)."""
-
-    source: str
-    architecture: str
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    kind: str
-    widths: list[dict[str, int]]  # per layer: config field -> width, e.g. {"key_dim": 128, "value_dim": 128}
-    dtype: str
-    kv_bytes_source: int  # per token, all layers, in `dtype`
-    kv_bytes_target: int
-    parameters_source: int
-    parameters_target: int
-    allocation: str | None = None  # how a kv_budget was spread, None for explicit widths
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def reduction(self) -> float:
-        """Converted KV bytes as a fraction of the source's."""
-        return self.kv_bytes_target / self.kv_bytes_source
-
-    def describe(self) -> list[str]:
-        first = self.widths[0]
-        same = all(w == first for w in self.widths)
-        dims = " ".join(f"{k}={v}" for k, v in first.items())
-        per_layer = f"{dims} in all {self.layers} layers" if same else "per layer " + "; ".join(
-            f"{i}: " + " ".join(f"{k}={v}" for k, v in w.items()) for i, w in enumerate(self.widths)
-        )
-        lines = [
-            f"source    {self.source}: {self.architecture}, {self.layers} layers, {self.heads} heads, "
-            f"{self.kv_heads} KV heads x {self.head_dim}, {self.parameters_source:,} parameters",
-            f"target    {self.kind}: {per_layer}" + (f" ({self.allocation})" if self.allocation else ""),
-            f"KV cache  {self.kv_bytes_source:,} -> {self.kv_bytes_target:,} bytes/token in {self.dtype} "
-            f"({self.reduction:.1%}, {1 / self.reduction:.2f}x smaller)",
-            f"params    {self.parameters_source:,} -> {self.parameters_target:,}",
-        ]
-        return lines + [f"note      {n}" for n in self.notes]
-
-
-def plan_recipe(recipe: Recipe, folder: Path) -> RecipePlan:
-    """Plan the recipe's conversion against the source config in `folder`; both models are built on the meta device.
-
-    With a kv_budget this is `factorconv.convert.plan.make_plan` (what `factorconv plan` prints), without the
-    calibration pass: greedy allocation reads the weights' spectra when the folder has weights, and a config alone
-    plans uniformly. Explicit ranks/widths go through `build_target_config`, as `convert` does.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .convert.plan import make_plan
-    from .convert.source import SourceCheckpoint
-    from .convert.target import build_target_config, output_dtype
-    from .modeling import FactorConvForCausalLM
-
+def plan_recipe(recipe: Recipe, folder: Path) -> PlanReport:
+    """The recipe's conversion planned against the source config in `folder` (`convert.plan.make_plan`, without the
+    calibration pass), its errors naming recipe keys."""
     options = recipe.convert_options()
     try:
-        source = SourceCheckpoint(folder, require_weights=False)
-        dtype = output_dtype(options, source)
-        notes = []
-        if options.kv_budget is not None:
-            greedy = options.allocation == "greedy" and source.has_weights
-            if options.allocation == "greedy" and not source.has_weights:
-                notes.append("greedy allocation reads the weights: the conversion may spread widths unevenly")
-            if options.calib is not None:
-                notes.append("planned without the calibration pass, which only the conversion runs")
-            offline = {"source": str(folder), "revision": None, "calib": None, "device": "cpu"}
-            report = make_plan(options.model_copy(update={**offline, "allocation": "greedy" if greedy else "uniform"}))
-            widths = [dict(layer.widths) for layer in report.layers]
-            kv_source, kv_target = report.source_kv_bytes, report.target_kv_bytes
-            params_source, params_target = report.source_parameters, report.target_parameters
-            spread = "greedy over the weights' spectra" if greedy else "uniform"
-            if options.allocation == "measured":
-                spread = "uniform here; the conversion measures each layer and moves width between them"
-            allocation = f"kv_budget {options.kv_budget:g}, {spread}"
-        else:
-            config = build_target_config(source, options)
-            kind = options.kind
-            widths = [
-                {n: getattr(config, kind.config_name(n))[i] for n in kind.widths}
-                for i in range(config.num_hidden_layers)
-            ]
-            with torch.device("meta"):
-                params_source = sum(p.numel() for p in AutoModelForCausalLM.from_config(source.config).parameters())
-                params_target = sum(p.numel() for p in FactorConvForCausalLM(config).parameters())
-            kv_source = analytic_kv_bytes_per_token(source.config, dtype.itemsize)
-            kv_target = analytic_kv_bytes_per_token(config, dtype.itemsize)
-            allocation = None
-    except FactorConvError as err:
-        raise FactorConvError(flags_to_keys(str(err), convert_key)) from None
-    cfg = source.config
-    heads = cfg.num_attention_heads
-    return RecipePlan(
-        source=recipe.source.model,
-        architecture=source.architecture,
-        layers=cfg.num_hidden_layers,
-        heads=heads,
-        kv_heads=cfg.num_key_value_heads or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        kind=options.to,
-        widths=widths,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_bytes_source=kv_source,
-        kv_bytes_target=kv_target,
-        parameters_source=params_source,
-        parameters_target=params_target,
-        allocation=allocation,
-        notes=notes,
-    )
+        return make_plan(options, folder)
+    except OptionError as err:
+        raise RecipeError(recipe_phrase(err)) from None
 
 
 def source_config_folder(recipe: Recipe) -> tuple[Path | None, str | None]:
@@ -176,7 +71,7 @@ def validate_recipe(path: Path, overrides: Sequence[str] = ()) -> str:
         lines.append(f"source    {recipe.source.model}: config not reachable ({why}); schema checked, plan skipped")
         lines.append("          (plan against a local copy with --set source.model=FOLDER)")
     else:
-        lines += plan_recipe(recipe, folder).describe()
+        lines += describe_plan(plan_recipe(recipe, folder))
     lines.append("stages    " + " -> ".join(_stages(recipe)))
     lines += [f"warning   {w}" for w in _missing_inputs(recipe)]
     return "\n".join(lines)
@@ -254,7 +149,10 @@ def run_recipe(
         from .convert import convert
 
         echo(f"convert   {recipe.source.model} -> {converted} ({_target_summary(options)})")
-        convert(options.model_copy(update={"overwrite": converted.exists()}), progress=progress)
+        try:
+            convert(options.model_copy(update={"overwrite": converted.exists()}), progress=progress)
+        except OptionError as err:
+            raise RecipeError(f"{path}: {recipe_phrase(err)}") from None
     _finish(converted, {"convert": convert_record}, recipe_text, license_=license_)
 
     if finetune_options is not None:

@@ -281,11 +281,12 @@ def test_calibration_passes_per_allocation(allocation, expected, source_dirs, tm
 @pytest.mark.parametrize("budget", [0.5, 0.75])
 def test_uniform_widths_do_not_need_the_weights(source_dirs, tmp_path, target, budget):
     """convert skips the spectra for uniform budgets: the widths must be those the spectra would give."""
+    from factorconv.convert.conversion import resolve_plan
     from factorconv.convert.plan import allocate_widths
 
     options = ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to=target, kv_budget=budget)
-    source = SourceCheckpoint(source_dirs["llama_gqa"])
-    read, skipped = (allocate_widths(options, source, None, torch.device("cpu"), spectra=s) for s in (True, False))
+    plan, source = resolve_plan(options), SourceCheckpoint(source_dirs["llama_gqa"])
+    read, skipped = (allocate_widths(plan, source, None, spectra=s) for s in (True, False))
     assert [p.widths for p in skipped] == [p.widths for p in read]
     assert [p.cache_width for p in skipped] == [p.cache_width for p in read]
     assert read[0].predicted_error is not None and skipped[0].predicted_error is None

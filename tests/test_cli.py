@@ -327,8 +327,8 @@ def test_device_torch_knows_but_cannot_use(source_dirs, parent, device):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--to", "mfa", "--rank-k", "1"], "rank_k applies to --to tpa"),
-        (["--contextual", "--key-dim", "8"], "key_dim applies to --to mfa"),
+        (["--to", "mfa", "--rank-k", "1"], "--rank-k applies to --to tpa"),
+        (["--contextual", "--key-dim", "8"], "--key-dim applies to --to mfa"),
     ],
 )
 def test_options_for_another_target(source_dirs, parent, args, needle):

@@ -53,7 +53,7 @@ def test_every_kind_writes_only_config_fields_of_its_own():
     from factorconv.convert.options import ConvertOptions
 
     for name, kind in KINDS.items():
-        written = set(kind.config_fields(ConvertOptions(source="s", output="o", to=name)))
+        written = set(kind.config_fields(ConvertOptions(source="s", output="o", to=name).target()))
         planned = {kind.config_name(width) for width in kind.widths}
         assert written and (written | planned) <= set(KIND_FIELDS[name])
 

@@ -88,9 +88,9 @@ def test_recipe_validates_and_plans_offline(path):
 
     plan = plan_recipe(recipe, FIXTURES / slug)
     config = AutoConfig.from_pretrained(FIXTURES / slug)
-    assert plan.layers == config.num_hidden_layers == len(plan.widths)
-    assert plan.parameters_source == facts["parameters"]
-    assert plan.kv_bytes_source == facts["kv_bytes_bf16"] and plan.dtype == "bfloat16"
+    assert plan.geometry.layers == config.num_hidden_layers == len(plan.widths)
+    assert plan.source_parameters == facts["parameters"]
+    assert plan.source_kv_bytes == facts["kv_bytes_bf16"] and plan.dtype == "bfloat16"
     for widths in plan.widths:
         assert all(value >= 1 for value in widths.values())
     budget = recipe.convert_options().kv_budget
@@ -98,18 +98,18 @@ def test_recipe_validates_and_plans_offline(path):
         assert recipe.export is not None and recipe.convert_options().serving_format is not None
     else:
         assert budget is not None and abs(plan.reduction - budget) < 0.02
-    assert plan.kv_bytes_target < plan.kv_bytes_source
+    assert plan.target_kv_bytes < plan.source_kv_bytes
 
     # The comment header: how to run it, the KV reduction and parameters (as planned here), hardware.
     text = path.read_text()
     header = text.split("\n\n", 1)[0]
     assert all(line.startswith("#") for line in header.splitlines())
     assert f"factorconv run recipes/{path.name}" in header
-    assert f"{plan.kv_bytes_source:,} -> {plan.kv_bytes_target:,} bytes/token" in header
+    assert f"{plan.source_kv_bytes:,} -> {plan.target_kv_bytes:,} bytes/token" in header
     # Says what was run: no full-size recipe has been run end to end; SmolLM2's conversion has.
     said = "estimated from the shapes, not run|the conversion measured, the healing not run"
     assert re.search(rf"^# Hardware \(({said})\): ", header, re.M)
-    assert f"Parameters: {plan.parameters_source / 1e9:.2f}B -> {plan.parameters_target / 1e9:.2f}B" in header
+    assert f"Parameters: {plan.source_parameters / 1e9:.2f}B -> {plan.target_parameters / 1e9:.2f}B" in header
 
 
 def test_validate_command_plans_against_a_local_config():

@@ -11,6 +11,7 @@ from conftest import random_ids
 from factorconv.cli import main
 from factorconv.convert import convert, sensitivity
 from factorconv.convert.calibrate import AsSourceAttention
+from factorconv.convert.conversion import resolve_plan
 from factorconv.convert.options import ConvertOptions
 from factorconv.convert.plan import plan_layers
 from factorconv.convert.source import SourceCheckpoint
@@ -23,19 +24,19 @@ def _probe(source_dir, tmp_path, budget: float, monkeypatch, to: str = "mfa_kr")
     """Run the probe at uniform widths; return its sensitivities, the tokens and the converted modules it built."""
     options = ConvertOptions(source=str(source_dir), output=tmp_path / "out", to=to, kv_budget=budget,
                              calib="unused", allocation="measured")
-    source = SourceCheckpoint(source_dir)
+    plan, source = resolve_plan(options), SourceCheckpoint(source_dir)
     geometry = Geometry.of(source.config)
-    flat = [KINDS[to].components(geometry, options)] * geometry.layers
-    uniform = plan_layers(options, geometry, flat, False)
+    flat = [KINDS[to].components(geometry, plan.target)] * geometry.layers
+    uniform = plan_layers(plan.target, "uniform", geometry, flat, False)
     built = []
     real_module = sensitivity.attention_module
     monkeypatch.setattr(sensitivity, "attention_module", lambda *a, **k: built.append(real_module(*a, **k)) or built[-1])
     tokens = random_ids(20, 16, seed=11)
 
     def spectra(src, moment):
-        return KINDS[to].components(geometry, options, src, moment)
+        return KINDS[to].components(geometry, plan.target, src, moment)
 
-    probed = sensitivity.probe_layers(options, source, tokens, torch.device("cpu"), uniform, spectra, progress=False)
+    probed = sensitivity.probe_layers(plan, source, tokens, uniform, spectra, progress=False)
     return probed, tokens, built
 
 
@@ -81,14 +82,14 @@ def test_measured_allocation_meets_the_budget_and_differs_from_uniform(source_di
 
 
 def test_measured_allocation_needs_calibration_and_a_budget(source_dirs, tmp_path):
-    for bad, fix in ((dict(kv_budget=0.5), "pass kv_budget and calib"),
-                     (dict(calib="x.txt", rope_dim=8), "pass kv_budget and calib"),
+    for bad, fix in ((dict(kv_budget=0.5), "pass --kv-budget and --calib"),
+                     (dict(calib="x.txt", rope_dim=8), "pass --kv-budget and --calib"),
                      (dict(calib="x.txt", kv_budget=0.5, mla=True), "drop allocation measured")):
         with pytest.raises(ValueError, match=fix):
             ConvertOptions(source="s", output=tmp_path, to="mfa_kr", allocation="measured", **bad)
     result = CliRunner().invoke(main, ["convert", str(source_dirs["llama_gqa"]), str(tmp_path / "o"), "--to",
                                        "mfa-kr", "--kv-budget", "0.5", "--allocation", "measured"])
-    assert result.exit_code != 0 and "pass kv_budget and calib" in result.output
+    assert result.exit_code != 0 and "pass --kv-budget and --calib" in result.output
     assert not (tmp_path / "o").exists()
 
 

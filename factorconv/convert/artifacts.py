@@ -10,7 +10,7 @@ from ..evaluate.kv_cache import analytic_kv_bytes_per_token, source_kv_bytes_per
 from ..kinds.layer import LayerReport
 from ..modeling import FactorConvConfig
 from ..output_folder import RECIPE_FILE, REPORT_FILE
-from .options import ConvertOptions
+from .conversion import ConversionPlan
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 MODELING_FILES = ("configuration_factorconv.py", "modeling_factorconv.py")
@@ -42,27 +42,27 @@ def copy_tokenizer_files(folder: Path, source_folder: Path) -> None:
 
 
 def write_artifacts(
-    folder: Path, source_folder: Path, config: FactorConvConfig, options: ConvertOptions, reports: list[LayerReport],
+    folder: Path, source_folder: Path, config: FactorConvConfig, plan: ConversionPlan, reports: list[LayerReport],
     seconds: dict[str, float],
 ) -> None:
     """`seconds`: wall time per conversion stage, kept in the report so users see what each option costs."""
     config.save_pretrained(folder)
     copy_modeling_files(folder)
     copy_tokenizer_files(folder, source_folder)
-    (folder / RECIPE_FILE).write_text(options.to_yaml())
+    (folder / RECIPE_FILE).write_text(plan.output.recipe)
     size = config.dtype.itemsize if hasattr(config.dtype, "itemsize") else 4
     report = {
-        "source": options.source,
+        "source": plan.source,
         "attention": config.attention,
         "kv_bytes_per_token": {
             "source": source_kv_bytes_per_token(config, size),
             "converted": analytic_kv_bytes_per_token(config, size),
         },
-        "refine_steps": options.layer_refine_steps,  # resolved: the default depends on calibration and budget
+        "refine_steps": plan.refine.steps,  # resolved: the default depends on calibration and budget
         "seconds": {stage: round(value, 3) for stage, value in seconds.items()},  # ms: tiny models convert in ms
         "layers": [asdict(r) for r in reports],
     }
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     model_card(
-        config, report, name=Path(options.output).name, recipe=options.to_yaml(), license=source_license(source_folder)
+        config, report, name=plan.output.folder.name, recipe=plan.output.recipe, license=source_license(source_folder)
     ).save(folder / CARD_FILE)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from ..data import check_token_ids, dataset_tokens, load_tokens
-from ..errors import FactorConvError
+from ..errors import FactorConvError, OptionError, option
 from .source import SourceCheckpoint
 
 
@@ -30,7 +30,7 @@ def calibration_tokens(
     if seq_len is None:
         seq_len = min(context, 512)
     elif seq_len > context:
-        raise FactorConvError(f"--calib-seq-len {seq_len} exceeds the model's context of {context} tokens")
+        raise OptionError(f"{option('calib_seq_len')} {seq_len} exceeds the model's context of {context} tokens")
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in (".txt", ".jsonl", ".npy", ".json"):
         tokenizer = None
@@ -45,9 +45,9 @@ def calibration_tokens(
     check_token_ids(stream, config.vocab_size, f"calibration data {spec}")
     count = min(samples, stream.numel() // seq_len)
     if count < 2:
-        raise FactorConvError(
+        raise OptionError(
             f"calibration data {spec} gives {stream.numel()} tokens, fewer than 2 sequences of {seq_len}; "
-            "lower --calib-seq-len or give more text"
+            "lower {calib_seq_len} or give more text"
         )
     return stream[: count * seq_len].reshape(count, seq_len)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..errors import FactorConvError
+from ..errors import FactorConvError, OptionError, option
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,5 +21,5 @@ def resolve_device(name: str) -> torch.device:
         "mps": torch.backends.mps.is_available(),
     }[device.type]
     if not usable:
-        raise FactorConvError(f"device {name} is not available here; use --device cpu or auto")
+        raise OptionError(f"device {name} is not available here; use {option('device')} cpu or auto")
     return device

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..kinds import KIND_OPTIONS, KINDS, REFINE_DEFAULTS_TEXT, TargetKind
+from ..errors import OptionError, option
+from ..kinds import KIND_OPTIONS, KINDS, REFINE_DEFAULTS_TEXT, TargetKind, TargetSpec
 
 KindName = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # "tpa", "mfa", "mfa_kr": the registry's names
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -110,24 +111,25 @@ class ConvertOptions(BaseModel):
             if getattr(self, name) in (None, False):
                 continue
             owners = [k.name for k in KINDS.values() if name in k.options]
-            raise ValueError(f"{name} applies to --to {'/'.join(owners)}, not {self.to}")
+            raise OptionError(f"{option(name)} applies to {option('to')} {'/'.join(owners)}, not {self.to}")
         widths = kind.given_widths(self)
         if self.kv_budget is not None and widths:
             raise ValueError(f"kv_budget allocates the widths itself; drop {', '.join(widths)}")
         kind.validate(self)
         for owner in KINDS.values():
             if self.init in owner.inits and owner is not kind:
-                raise ValueError(f"init {self.init!r} {owner.inits[self.init]}")
+                raise OptionError(f"{option('init')} {self.init!r} {owner.inits[self.init]}")
         if self.allocation == "auto":  # resolved here, so what is saved with the output says what ran
             fixed = self.serving_format is not None or self.kv_budget is None or self.calib is None
             self.allocation = "uniform" if fixed else "measured"
         self.refine_lr = kind.refine_lr if self.refine_lr is None else self.refine_lr
         self.refine_schedule = kind.refine_schedule if self.refine_schedule is None else self.refine_schedule
         if self.allocation == "measured" and (self.calib is None or self.kv_budget is None):
-            raise ValueError("allocation 'measured' spreads a kv_budget by layer sensitivity measured on calibration "
-                             "data: pass kv_budget and calib")
+            raise OptionError("{allocation} 'measured' spreads a KV budget by layer sensitivity measured on "
+                              "calibration data: pass {kv_budget} and {calib}")
         if self.calib is None and (self.init in ("stats", "query-aware", "als") or (self.refine_steps or 0) > 0):
-            raise ValueError(f"init {self.init!r} and refine_steps need calibration data: pass calib")
+            raise OptionError(f"{option('init')} {self.init!r} and {option('refine_steps')} need calibration data: "
+                              f"pass {option('calib')}")
         return self
 
     @property
@@ -135,17 +137,18 @@ class ConvertOptions(BaseModel):
         return self.calib is not None and self.init != "weight"
 
     @property
-    def query_aware(self) -> bool:
-        return self.init == "query-aware"
-
-    @property
     def kind(self) -> TargetKind:
         return KINDS[self.to]
+
+    def target(self) -> TargetSpec:
+        """The target kind with its own options' values: what planning and the config read."""
+        settings = {name: getattr(self, name) for name in self.kind.options}
+        return TargetSpec(self.kind, settings, self.kv_budget, self.init == "query-aware")
 
     @property
     def serving_format(self) -> str | None:
         """The stock architecture the conversion is built to export as."""
-        return self.kind.serving_format(self)
+        return self.kind.serving_format(self.target())
 
     @property
     def layer_refine_steps(self) -> int:

@@ -12,14 +12,14 @@ from ..model_folder import resolve_source
 from ..output_folder import check_output, staged_output
 from .artifacts import write_artifacts
 from .calibrate import LayerwiseRunner, calibration_tokens
-from .device import resolve_device
+from .conversion import resolve_plan
 from .layers import ATTENTION_TENSOR, convert_attention
 from .options import ConvertOptions
-from .plan import allocate_widths
+from .plan import plan_target
 from .refine import refine_layer
 from .source import UNUSED_TENSOR_SUFFIXES, SourceCheckpoint
-from .target import build_target_config, output_dtype
-from .writer import ShardedWriter, parse_size
+from .target import output_dtype
+from .writer import ShardedWriter
 
 logger = logging.getLogger("factorconv")
 
@@ -28,30 +28,29 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     """Convert `options.source` and write the result to `options.output` (atomically: temp folder + rename).
 
     With calibration data the source runs alongside, one layer at a time: each layer is factorized from its
-    statistics, optionally refined on its activations, and its attention-output error is measured.
+    statistics, optionally refined on its activations, and its attention-output error is measured. The options
+    are resolved once (convert/conversion.py); the stages read that plan.
     """
-    output = Path(options.output).expanduser()
-    local_source = Path(options.source).expanduser()
-    check_output(output, [local_source] if local_source.exists() else [], options.overwrite)
-    device = resolve_device(options.device)
-    max_shard = parse_size(options.max_shard_size)
-    source = SourceCheckpoint(resolve_source(options.source, options.revision))
+    plan = resolve_plan(options)
+    output, device = plan.output.folder, plan.device
+    local_source = Path(plan.source).expanduser()
+    check_output(output, [local_source] if local_source.exists() else [], plan.output.overwrite)
+    source = SourceCheckpoint(resolve_source(plan.source, plan.revision))
     source.check_complete()
     start = time.perf_counter()
     tokens = None
-    if options.calib is not None:
-        tokens = calibration_tokens(options.calib, source.folder, options.calib_samples, options.calib_seq_len, source.config)
-    plans = None
-    if options.kv_budget is not None:  # uniform widths do not depend on spectra: no weights read, no calibration pass
-        spread = options.allocation != "uniform"
-        plans = allocate_widths(options, source, tokens if spread else None, device, spectra=spread, progress=progress)
-    config = build_target_config(source, options, plans)
+    if plan.calibration is not None:
+        calib = plan.calibration
+        tokens = calibration_tokens(calib.data, source.folder, calib.samples, calib.seq_len, source.config)
+    # Uniform widths do not depend on spectra: no weights read, no calibration pass.
+    target = plan_target(plan, source, tokens, progress=progress)
+    config, layers = target.config, target.layers
     seconds = {"calibration data and allocation": time.perf_counter() - start, "refinement": 0.0}
-    dtype = output_dtype(options, source)
+    dtype = output_dtype(plan.output.dtype, source)
     runner = iter(LayerwiseRunner(source, tokens, device)) if tokens is not None else None
 
-    with staged_output(output, options.overwrite) as staging:  # one run per OUT; SIGTERM cleans up like Ctrl-C
-        writer = ShardedWriter(staging, max_shard)
+    with staged_output(output, plan.output.overwrite) as staging:  # one run per OUT; SIGTERM cleans up like Ctrl-C
+        writer = ShardedWriter(staging, plan.output.max_shard_bytes)
         reports: list[LayerReport] = []
         read = source.reader()
         bar = tqdm(total=config.num_hidden_layers, desc="converting", unit="layer", disable=not progress)
@@ -63,23 +62,23 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                     continue  # this layer's attention was converted when its first tensor came up
                 acts = next(runner) if runner is not None else None
                 stats = None
-                if acts is not None and options.uses_statistics:
-                    stats = LayerStatistics(acts.moment(), options.query_aware, acts, options.init == "als")
+                if acts is not None and plan.statistics:
+                    stats = LayerStatistics(acts.moment(), plan.target.query_aware, acts, plan.fit_contextual)
                 result = convert_attention(read, layer, config, device, stats)
                 if result.rope_pairs is not None:
                     config.rope_pair_index[layer] = result.rope_pairs
                 if acts is not None:
                     refine_start = time.perf_counter()
                     refined = refine_layer(
-                        config, layer, result.tensors, acts, options.layer_refine_steps, options.refine_lr,
-                        schedule=options.refine_schedule,
+                        config, layer, result.tensors, acts, plan.refine.steps, plan.refine.lr,
+                        schedule=plan.refine.schedule,
                     )
                     result.tensors = refined.tensors
                     result.report.attention_error = refined.error_before
                     result.report.refined_attention_error = refined.error_after
                     seconds["refinement"] += time.perf_counter() - refine_start
-                if plans is not None:
-                    result.report.probe_kl = plans[layer].probe_kl
+                if layers is not None:
+                    result.report.probe_kl = layers[layer].probe_kl
                 reports.append(result.report)
                 bar.update()
                 if result.report.attention_error is not None:
@@ -97,6 +96,6 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
         seconds["total"] = time.perf_counter() - start
         seconds["layers besides refinement"] = seconds["total"] - seconds["refinement"] - seconds[
             "calibration data and allocation"]
-        write_artifacts(staging, source.folder, config, options, reports, seconds)
+        write_artifacts(staging, source.folder, config, plan, reports, seconds)
     logger.info("wrote %s", output)
     return output

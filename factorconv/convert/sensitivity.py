@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from ..factorize.allocate import Component
 from ..kinds.layer import LayerStatistics, SourceAttention, attention_module
 from .calibrate import LayerwiseRunner
+from .conversion import ConversionPlan
 from .layers import convert_attention
-from .options import ConvertOptions
 from .source import SourceCheckpoint
 from .target import build_target_config
 
@@ -36,16 +36,15 @@ class LayerSensitivity:
 
 
 def probe_layers(
-    options: ConvertOptions,
+    plan: ConversionPlan,
     source: SourceCheckpoint,
     tokens: torch.Tensor,
-    device: torch.device,
     uniform_plans: list,
     layer_components: Callable[[SourceAttention, torch.Tensor], list[Component]],
     progress: bool = True,
 ) -> list[LayerSensitivity]:
     """One pass over the source: per layer, convert at the uniform widths and measure the KL it causes alone."""
-    config = build_target_config(source, options, uniform_plans)
+    config, device = build_target_config(source, plan, uniform_plans), plan.device
     runner = LayerwiseRunner(source, tokens, device, keep_layer_input=True)
     read = source.reader()
     rows = min(runner.held_out, max(1, PROBE_TOKENS // tokens.shape[1]))
@@ -55,7 +54,7 @@ def probe_layers(
     bar = tqdm(total=config.num_hidden_layers, desc="probing layers", unit="layer", disable=not progress)
     for acts in runner:
         moment = acts.moment()
-        stats = LayerStatistics(moment, options.query_aware, acts, options.init == "als")
+        stats = LayerStatistics(moment, plan.target.query_aware, acts, plan.fit_contextual)
         result = convert_attention(read, acts.layer, config, device, stats)
         module = attention_module(config, acts.layer, result.tensors, device, result.rope_pairs)
         streams = [runner.apply_layer(stream) for stream in streams]

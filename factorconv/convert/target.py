@@ -1,4 +1,4 @@
-"""The converted model's config, derived from the source config and the user's options."""
+"""The converted model's config, derived from the source config and the conversion plan."""
 
 import logging
 
@@ -8,16 +8,16 @@ from ..dtypes import DTYPES
 from ..kinds import Geometry
 from ..model_folder import source_reference
 from ..modeling import FactorConvConfig
-from .options import ConvertOptions
+from .conversion import ConversionPlan
 from .source import SourceCheckpoint
 
 logger = logging.getLogger("factorconv")
 
 
-def output_dtype(options: ConvertOptions, source: SourceCheckpoint) -> torch.dtype:
-    """The requested dtype, or with 'auto' the source's own (float32 when it declares none)."""
-    if options.dtype != "auto":
-        return DTYPES[options.dtype]
+def output_dtype(name: str, source: SourceCheckpoint) -> torch.dtype:
+    """The dtype named, or with 'auto' the source's own (float32 when it declares none)."""
+    if name != "auto":
+        return DTYPES[name]
     declared = getattr(source.config, "dtype", None)
     if isinstance(declared, str):
         declared = DTYPES.get(declared)
@@ -32,17 +32,17 @@ def _has_bias(source: SourceCheckpoint, name: str, from_config: bool) -> bool:
 
 
 def build_target_config(
-    source: SourceCheckpoint, options: ConvertOptions, plans: list | None = None
+    source: SourceCheckpoint, plan: ConversionPlan, layers: list | None = None
 ) -> FactorConvConfig:
     """FactorConvConfig with the source's geometry and the requested ranks or widths (validated here).
 
     MFA / MFA-KR pair tables are filled in per layer by the conversion (they depend on the weights).
-    `plans` (from a KV budget) give per-layer widths that replace the scalar options.
+    `layers` (convert/plan.py's LayerPlans: a KV budget or a serving shape) give per-layer widths that replace
+    the scalar options.
     """
-    cfg, kind, family = source.config, options.kind, source.family
-    names = family.attention
-    geometry = Geometry.of(cfg)
-    kind.check_widths(options, geometry, cfg.hidden_size)
+    cfg, target, family = source.config, plan.target, source.family
+    kind, geometry, names = target.kind, Geometry.of(cfg), family.attention
+    kind.check_widths(target, geometry, cfg.hidden_size)
     window = family.window(cfg)
     if window is not None:
         logger.warning(
@@ -51,12 +51,9 @@ def build_target_config(
             window,
             window,
         )
-    per_layer = {}
-    widths = kind.serving_widths(options, geometry) if plans is None else None
-    if widths is not None:
-        per_layer = {name: [value] * cfg.num_hidden_layers for name, value in widths.items()}
-    for plan in plans or []:
-        for name, value in plan.widths.items():
+    per_layer: dict[str, list[int]] = {}
+    for layer in layers or []:
+        for name, value in layer.widths.items():
             per_layer.setdefault(kind.config_name(name), []).append(value)
     fields = dict(
         vocab_size=cfg.vocab_size,
@@ -79,10 +76,10 @@ def build_target_config(
         o_bias=_has_bias(source, names.tensor(0, "o", "bias"), family.has_bias("o", cfg)),
         mlp_bias=_has_bias(source, "model.layers.0.mlp.gate_proj.bias", family.has_mlp_bias(cfg)),
         attention=kind.name,
-        **kind.config_fields(options),
-        serving_format=options.serving_format,
-        source_model=source_reference(options.source),
-        source_revision=options.revision,
+        **kind.config_fields(target),
+        serving_format=kind.serving_format(target),
+        source_model=source_reference(plan.source),
+        source_revision=plan.revision,
         source_architecture=source.architecture,
         architectures=["FactorConvForCausalLM"],
         auto_map={
@@ -90,6 +87,6 @@ def build_target_config(
             "AutoModel": "modeling_factorconv.FactorConvModel",
             "AutoModelForCausalLM": "modeling_factorconv.FactorConvForCausalLM",
         },
-        dtype=output_dtype(options, source),
+        dtype=output_dtype(plan.output.dtype, source),
     )
     return FactorConvConfig(**{**fields, **per_layer})

@@ -6,6 +6,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import OptionError, option
+
 Trainable = Literal["attention", "attention+norms", "all"]
 DEFAULT_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 # Options that may differ between a run and its --resume without changing what is computed.
@@ -131,14 +133,14 @@ class FinetuneOptions(BaseModel):
     def _known_device(cls, value: str) -> str:
         if value not in ("auto", "cpu", "cuda", "mps"):
             if value.startswith("cuda:"):
-                raise ValueError(f"pick a GPU with CUDA_VISIBLE_DEVICES={value[5:]}, not --device {value}")
+                raise OptionError(f"pick a GPU with CUDA_VISIBLE_DEVICES={value[5:]}, not {option('device')} {value}")
             raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or mps")
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneOptions":
         if self.tokens is not None and self.steps is not None:
-            raise ValueError("give --tokens or --steps, not both")
+            raise OptionError("give {tokens} or {steps}, not both")
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise ValueError("kl_weight and ce_weight are both 0: nothing to train on")
         if self.lora_r is None and (self.save_adapter or self.lora_alpha is not None):
@@ -146,7 +148,7 @@ class FinetuneOptions(BaseModel):
         if self.lora_r is not None and self.trainable == "all":
             raise ValueError("trainable 'all' leaves nothing for LoRA; use attention or attention+norms with lora_r")
         if self.resume and self.overwrite:
-            raise ValueError("give --resume or --overwrite, not both")
+            raise OptionError("give {resume} or {overwrite}, not both")
         return self
 
     @property

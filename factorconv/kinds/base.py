@@ -8,12 +8,13 @@ other module asks the kind instead of comparing names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import FactorConvError
+from ..errors import OptionError, option
 from ..factorize.allocate import Component
 from ..modeling import FactorConvConfig
 from .layer import LayerResult, LayerStatistics, SourceAttention
@@ -43,12 +44,28 @@ class Geometry:
         return 2 * self.kv_heads * self.head_dim
 
 
-def check_range(option: str, value: int | None, upper: int, what: str) -> None:
-    """An explicit rank or width must lie in 1..upper; the error names the command-line flag."""
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target kind with the values of its own options, resolved once from ConvertOptions: what the width
+    checks, planning, config fields and serving shapes read, so no stage after the resolution sees the options."""
+
+    kind: TargetKind
+    settings: Mapping[str, Any]  # the kind's options (`kind.options`) -> value as given (None / False: not given)
+    kv_budget: float | None = None  # fraction of the source's KV bytes the widths are allocated for
+    query_aware: bool = False  # init "query-aware": key directions weighted by how strongly queries read them
+
+    def __getitem__(self, option: str) -> Any:
+        return self.settings[option]
+
+    def with_settings(self, **changes: Any) -> TargetSpec:
+        """The same target with some of its options changed (e.g. what `plan` says of an `mla` build)."""
+        return replace(self, settings={**self.settings, **changes})
+
+
+def check_range(name: str, value: int | None, upper: int, what: str) -> None:
+    """An explicit rank or width must lie in 1..upper; the error names the option."""
     if value is not None and not 1 <= value <= upper:
-        raise FactorConvError(
-            f"--{option.replace('_', '-')} {value} is out of range: it must be between 1 and {upper} ({what})"
-        )
+        raise OptionError(f"{option(name)} {value} is out of range: it must be between 1 and {upper} ({what})")
 
 
 def flat_gains(count: int) -> list[float]:
@@ -71,7 +88,7 @@ class TargetKind:
     switches: ClassVar[tuple[str, ...]] = ()  # its other ConvertOptions fields (flags, shapes)
     widths: ClassVar[tuple[str, str]]  # the two sizes a kv_budget allocates (plan order)
     config_names: ClassVar[dict[str, str]] = {}  # option name -> FactorConvConfig field, where they differ
-    inits: ClassVar[dict[str, str]] = {}  # init methods only this kind takes -> what they do and how to ask for it
+    inits: ClassVar[dict[str, str]] = {}  # init methods only this kind takes -> what they do, how to ask (template)
     refine_lr: ClassVar[float]  # default refinement step (fraction of each tensor's RMS)
     refine_schedule: ClassVar[str]  # default refinement schedule
     modeling_class: ClassVar[str]  # the attention class in modeling/modeling_factorconv.py
@@ -97,31 +114,31 @@ class TargetKind:
     def validate(self, options: ConvertOptions) -> None:
         """Kind-specific checks across ConvertOptions' fields; raise ValueError (pydantic reports it)."""
 
-    def serving_format(self, options: ConvertOptions) -> str | None:
-        """The stock architecture these options build the model to export as (None: not built for one)."""
+    def serving_format(self, target: TargetSpec) -> str | None:
+        """The stock architecture this target is built to export as (None: not built for one)."""
         return None
 
-    def check_widths(self, options: ConvertOptions, geometry: Geometry, hidden: int) -> None:
-        """Explicit ranks/widths against the source's shapes; raise FactorConvError naming the flag."""
+    def check_widths(self, target: TargetSpec, geometry: Geometry, hidden: int) -> None:
+        """Explicit ranks/widths against the source's shapes; raise OptionError naming the option."""
         raise NotImplementedError
 
-    def config_fields(self, options: ConvertOptions) -> dict:
-        """The FactorConvConfig fields these options set (per-layer widths from a plan replace the sizes)."""
+    def config_fields(self, target: TargetSpec) -> dict:
+        """The FactorConvConfig fields this target sets (per-layer widths from a plan replace the sizes)."""
         raise NotImplementedError
 
     # --- planning -----------------------------------------------------------------------------------------------
 
-    def components(self, geometry: Geometry, options: ConvertOptions, src: SourceAttention | None = None,
+    def components(self, geometry: Geometry, target: TargetSpec, src: SourceAttention | None = None,
                    moment: torch.Tensor | None = None) -> list[Component]:
         """What one layer can spend width on, with gain curves from its weights (flat without weights) and the
         calibration moment when given."""
         raise NotImplementedError
 
-    def serving_widths(self, options: ConvertOptions, geometry: Geometry) -> dict[str, int] | None:
+    def serving_widths(self, target: TargetSpec, geometry: Geometry) -> dict[str, int] | None:
         """The fixed widths of a conversion built to export as a stock architecture (None: not built for one)."""
         return None
 
-    def serving_note(self, options: ConvertOptions, geometry: Geometry) -> str | None:
+    def serving_note(self, target: TargetSpec, geometry: Geometry) -> str | None:
         """What `factorconv plan` says about serving this kind as a stock architecture."""
         return None
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..factorize.mfa import output_weighted_value_basis, pair_moments, query_pair_energy, rope_key_merge, strided_pairs
 from ..modeling import FactorConvConfig
-from .base import Geometry
+from .base import Geometry, TargetSpec
 from .layer import LayerReport, LayerResult, LayerStatistics, SourceAttention
 from .shared_kv import SharedKVKind, query_rank, source_side_tensors, value_up
 
@@ -21,7 +21,7 @@ class MFAKind(SharedKVKind):
     switches = ("mqa",)
     widths = ("key_dim", "value_dim")
     symbols = ("d_K", "d_V")
-    inits = {"query-aware": "weights MFA's key merge: use it with --to mfa"}
+    inits = {"query-aware": "weights MFA's key merge: use it with {to} mfa"}
     # MFA/MFA-KR want the warm-up + cosine schedule at 0.02 (SmolLM2 MFA-KR 1.200x; 1.213x at 0.04; 1.24x
     # constant; benchmarks/results/refine_lr_*.md).
     refine_lr = 0.02
@@ -34,17 +34,17 @@ class MFAKind(SharedKVKind):
             if options.kv_budget is not None:
                 raise ValueError("mqa caches one key and one value head per layer, a fixed size: drop kv_budget")
 
-    def serving_format(self, options: ConvertOptions) -> str | None:
-        return "llama" if options.mqa else None
+    def serving_format(self, target: TargetSpec) -> str | None:
+        return "llama" if target["mqa"] else None
 
-    def config_fields(self, options: ConvertOptions) -> dict:
-        return dict(key_dim=options.key_dim, value_dim=options.value_dim, query_rank=options.query_rank)
+    def config_fields(self, target: TargetSpec) -> dict:
+        return dict(key_dim=target["key_dim"], value_dim=target["value_dim"], query_rank=target["query_rank"])
 
-    def serving_widths(self, options: ConvertOptions, geometry: Geometry) -> dict[str, int] | None:
+    def serving_widths(self, target: TargetSpec, geometry: Geometry) -> dict[str, int] | None:
         """`mqa`: one key and one value head of the source's head dim."""
-        return {"key_dim": geometry.head_dim, "value_dim": geometry.head_dim} if options.mqa else None
+        return {"key_dim": geometry.head_dim, "value_dim": geometry.head_dim} if target["mqa"] else None
 
-    def serving_note(self, options: ConvertOptions, geometry: Geometry) -> str | None:
+    def serving_note(self, target: TargetSpec, geometry: Geometry) -> str | None:
         share = 2 * geometry.head_dim / geometry.source_width
         return (f"as Llama MQA (--mqa, then `factorconv export --format llama`): one KV head of {geometry.head_dim}, "
                 f"{share:.1%} of the source's KV bytes whatever the budget")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import FactorConvError
+from ..errors import FactorConvError, OptionError, option
 from ..factorize.common import split_bias_column
 from ..factorize.key_reuse import key_reuse_inits, latent_norm_weight, phase_average
 from ..factorize.mfa import strided_pairs
 from ..modeling import FactorConvConfig
 from ..modeling.modeling_factorconv import FactorConvRotaryEmbedding
-from .base import Geometry
+from .base import Geometry, TargetSpec
 from .layer import LayerReport, LayerResult, LayerStatistics, SourceAttention, fitting_inputs, selection_error
 from .mfa import MFA
 from .shared_kv import SharedKVKind, query_rank, source_side_tensors, value_up
@@ -44,49 +44,49 @@ class MFAKRKind(SharedKVKind):
             if (options.mla_shape is None) == (options.kv_budget is None):
                 raise ValueError("mla needs its shape: pass mla_shape (e.g. 256+64) or kv_budget, not both")
 
-    def serving_format(self, options: ConvertOptions) -> str | None:
-        return "deepseek_v3" if options.mla else None
+    def serving_format(self, target: TargetSpec) -> str | None:
+        return "deepseek_v3" if target["mla"] else None
 
-    def config_fields(self, options: ConvertOptions) -> dict:
-        return dict(rope_dim=options.rope_dim, nope_dim=options.nope_dim, query_rank=options.query_rank,
-                    latent_norm=options.mla)
+    def config_fields(self, target: TargetSpec) -> dict:
+        return dict(rope_dim=target["rope_dim"], nope_dim=target["nope_dim"], query_rank=target["query_rank"],
+                    latent_norm=target["mla"])
 
-    def serving_widths(self, options: ConvertOptions, geometry: Geometry) -> dict[str, int] | None:
+    def serving_widths(self, target: TargetSpec, geometry: Geometry) -> dict[str, int] | None:
         """`mla`: kv_lora_rank + qk_rope_head_dim from `mla_shape`, or from `kv_budget` with the widest standard
         RoPE part (at most the head dim) that takes no more than half the layer's width."""
-        if not options.mla:
+        if not target["mla"]:
             return None
         d, source_width = geometry.head_dim, geometry.source_width
-        if options.mla_shape is not None:
-            nope, rope = (int(part) for part in options.mla_shape.split("+"))
-            where = f"--mla-shape {options.mla_shape}"
+        if target["mla_shape"] is not None:
+            nope, rope = (int(part) for part in target["mla_shape"].split("+"))
+            where = f"{option('mla_shape')} {target['mla_shape']}"
         else:
-            width = int(options.kv_budget * source_width)
-            where = f"--kv-budget {options.kv_budget}"
+            width = int(target.kv_budget * source_width)
+            where = f"{option('kv_budget')} {target.kv_budget}"
             # Every source frequency once when it fits in half the layer's width (measured best:
             # benchmarks/results/quality_*.md), else the widest standard RoPE part that does. DeepSeek-V3 itself
             # rotates 64 of 128.
             fitting = [w for w in range(2, d + 1, 2) if d % w == 0 and w <= width // 2]
             if not fitting:
-                raise FactorConvError(f"{where} is too small for --mla: the least it can cache is "
+                raise OptionError(f"{where} is too small for {option('mla')}: the least it can cache is "
                                       f"{4 / source_width:.1%} of the source")
             rope = fitting[-1]
             nope = width - rope
         if rope % 2 or not 2 <= rope <= d or d % rope:
-            raise FactorConvError(
+            raise OptionError(
                 f"{where}: the RoPE part ({rope}) must be even and divide the head dim {d} (e.g. {d // 2}), so that "
                 "its frequencies are the source's"
             )
         if not 1 <= nope <= source_width - rope:
-            raise FactorConvError(
+            raise OptionError(
                 f"{where}: the latent (kv_lora_rank, {nope}) must be between 1 and {source_width - rope} for this "
                 f"source, e.g. {d}+{d // 2}"
             )
         return {"rope_dim": rope, "nope_dim": nope}
 
-    def serving_note(self, options: ConvertOptions, geometry: Geometry) -> str | None:
+    def serving_note(self, target: TargetSpec, geometry: Geometry) -> str | None:
         try:
-            widths = self.serving_widths(options.model_copy(update={"mla": True}), geometry)
+            widths = self.serving_widths(target.with_settings(mla=True), geometry)
         except FactorConvError as err:
             return f"as DeepSeek-V3 (--mla): {err}"
         shape = f"{widths['nope_dim']}+{widths['rope_dim']}"
@@ -94,7 +94,7 @@ class MFAKRKind(SharedKVKind):
         for engine in ENGINE_MLA_SHAPES:
             width = sum(int(part) for part in engine.split("+"))
             try:
-                self.serving_widths(options.model_copy(update={"mla": True, "mla_shape": engine}), geometry)
+                self.serving_widths(target.with_settings(mla=True, mla_shape=engine), geometry)
                 engines.append(f"--mla-shape {engine} is {width / geometry.source_width:.1%} of the source's KV bytes")
             except FactorConvError:
                 engines.append(f"{engine} does not fit this source")

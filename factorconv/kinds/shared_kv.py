@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..errors import FactorConvError
+from ..errors import OptionError, option
 from ..factorize.allocate import Component
 from ..factorize.common import with_bias_column
 from ..factorize.mfa import ValueBasis, key_gains, low_rank_queries, pair_moments, query_pair_energy, value_gains
 from ..modeling import FactorConvConfig
-from .base import Geometry, TargetKind, check_range, flat_gains, per_layer_text
+from .base import Geometry, TargetKind, TargetSpec, check_range, flat_gains, per_layer_text
 from .layer import SourceAttention, output_projection
 
 if TYPE_CHECKING:
@@ -25,15 +25,14 @@ class SharedKVKind(TargetKind):
 
     symbols: ClassVar[tuple[str, str]]  # how the model card writes the two widths, e.g. ("d_K", "d_V")
 
-    def check_widths(self, options: ConvertOptions, geometry: Geometry, hidden: int) -> None:
+    def check_widths(self, target: TargetSpec, geometry: Geometry, hidden: int) -> None:
         full = geometry.kv_heads * geometry.head_dim
         for name in self.widths:
-            check_range(name, getattr(options, name), full, "KV heads × head dim")
-        rotated = getattr(options, self.widths[0])
+            check_range(name, target[name], full, "KV heads × head dim")
+        rotated = target[self.widths[0]]
         if rotated is not None and rotated % 2:
-            flag = "--" + self.widths[0].replace("_", "-")
-            raise FactorConvError(f"{flag} {rotated} must be even: RoPE rotates pairs of dimensions")
-        check_range("query_rank", options.query_rank, min(hidden, geometry.heads * geometry.head_dim),
+            raise OptionError(f"{option(self.widths[0])} {rotated} must be even: RoPE rotates pairs of dimensions")
+        check_range("query_rank", target["query_rank"], min(hidden, geometry.heads * geometry.head_dim),
                     "hidden size and query width")
 
     def check_fixed_shape(self, options: ConvertOptions, flag: str, hint: str = "") -> None:
@@ -44,7 +43,7 @@ class SharedKVKind(TargetKind):
         if options.allocation not in ("auto", "uniform"):
             raise ValueError(f"{flag} needs the same widths in every layer: drop allocation {options.allocation}")
 
-    def components(self, geometry: Geometry, options: ConvertOptions, src: SourceAttention | None = None,
+    def components(self, geometry: Geometry, target: TargetSpec, src: SourceAttention | None = None,
                    moment: torch.Tensor | None = None) -> list[Component]:
         g, d, h = geometry.kv_heads, geometry.head_dim, geometry.heads
         key_name, value_name = self.widths
@@ -53,7 +52,7 @@ class SharedKVKind(TargetKind):
         else:
             k_weight, k_bias = src.weight("k"), src.bias("k")
             energy = None
-            if moment is not None and options.query_aware:
+            if moment is not None and target.query_aware:
                 energy = query_pair_energy(src.weight("q"), src.bias("q"), h, g, d, moment)
             key = key_gains(pair_moments(k_weight, k_bias, g, d, moment), energy).tolist()
             value = value_gains(src.weight("v"), src.bias("v"), src.weight("o"), h, g, moment).tolist()

@@ -7,18 +7,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import OptionError, option
 from ..factorize.allocate import Component
 from ..factorize.common import cholesky_whitening, input_moment
 from ..factorize.tpa import TensorProductInit, head_mode_gains, relative_error, tensor_product_init
 from ..factorize.tpa_als import fit_contextual
 from ..modeling import FactorConvConfig
-from .base import Geometry, TargetKind, check_range, flat_gains, per_layer_text
+from .base import Geometry, TargetKind, TargetSpec, check_range, flat_gains, per_layer_text
 from .layer import LayerReport, LayerResult, LayerStatistics, SourceAttention, fitting_inputs, output_projection
 
 if TYPE_CHECKING:
     from ..convert.options import ConvertOptions
 
-ALS = "fits contextual TPA factors: use it with --to tpa --contextual"
+ALS = "fits contextual TPA factors: use it with {to} tpa {contextual}"  # an OptionError's template
 
 
 class TPAKind(TargetKind):
@@ -37,21 +38,21 @@ class TPAKind(TargetKind):
 
     def validate(self, options: ConvertOptions) -> None:
         if options.init == "als" and not options.contextual:
-            raise ValueError(f"init 'als' {ALS}")
+            raise OptionError(f"{option('init')} 'als' {ALS}")
 
-    def check_widths(self, options: ConvertOptions, geometry: Geometry, hidden: int) -> None:
-        check_range("rank_k", options.rank_k, geometry.kv_heads, "the source's KV heads")
-        check_range("rank_v", options.rank_v, geometry.kv_heads, "the source's KV heads")
-        check_range("rank_q", options.rank_q, geometry.heads, "the source's query heads")
+    def check_widths(self, target: TargetSpec, geometry: Geometry, hidden: int) -> None:
+        check_range("rank_k", target["rank_k"], geometry.kv_heads, "the source's KV heads")
+        check_range("rank_v", target["rank_v"], geometry.kv_heads, "the source's KV heads")
+        check_range("rank_q", target["rank_q"], geometry.heads, "the source's query heads")
 
-    def config_fields(self, options: ConvertOptions) -> dict:
-        return dict(tpa_rank_k=options.rank_k, tpa_rank_v=options.rank_v, tpa_rank_q=options.rank_q,
-                    tpa_contextual=options.contextual)
+    def config_fields(self, target: TargetSpec) -> dict:
+        return dict(tpa_rank_k=target["rank_k"], tpa_rank_v=target["rank_v"], tpa_rank_q=target["rank_q"],
+                    tpa_contextual=target["contextual"])
 
-    def components(self, geometry: Geometry, options: ConvertOptions, src: SourceAttention | None = None,
+    def components(self, geometry: Geometry, target: TargetSpec, src: SourceAttention | None = None,
                    moment: torch.Tensor | None = None) -> list[Component]:
         g, h = geometry.kv_heads, geometry.heads
-        per_rank = geometry.head_dim + (h if options.contextual else 0)
+        per_rank = geometry.head_dim + (h if target["contextual"] else 0)
         if src is None:
             return [Component(name, flat_gains(g), per_rank) for name in self.widths]
         return [
