@@ -7,7 +7,7 @@ Two methods, each a conversion and a healing run (METHODS):
 - weight-only: `convert --rank-k 1 --rank-v 1` (no calibration), then 400 steps of 4 x 512 tokens, lr 2e-2,
   attention trainable (the earlier demo);
 - calibrated: the same ranks with `--calib train.tok512.npy` (the library's default calibration and refinement,
-  as benchmarks/quality.py calibrates), then 400 steps of 4 x 512 tokens, lr 3e-3, every weight trainable (the best
+  as benchmarks/quality.py calibrates), then 400 steps of 4 x 512 tokens, lr 1e-3, every weight trainable (the best
   of the runs in benchmarks/results/heal_stories.md).
 --calibrated-from heals an existing calibrated conversion instead of converting again (its conversion time is then
 not measured). Prints the perplexity on TinyStories-valid.txt (held out: never trained on, windows of 512) of the
@@ -37,7 +37,7 @@ CALIB = REAL / "tinystories" / "train.tok512.npy"
 # method -> (ConvertOptions fields beyond the ranks, FinetuneOptions fields beyond the data)
 METHODS = {
     "weight-only": ({}, dict(trainable="attention", lr=2e-2, steps=400, batch_size=4)),
-    "calibrated": ({"calib": str(CALIB)}, dict(trainable="all", lr=3e-3, steps=400, batch_size=4)),
+    "calibrated": ({"calib": str(CALIB)}, dict(trainable="all", lr=1e-3, steps=400, batch_size=4)),
 }
 
 
