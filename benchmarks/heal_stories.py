@@ -1,14 +1,23 @@
 """Healing demo on real weights: stories260K converted to TPA at R_K = R_V = 1 (a quarter of its KV bytes),
 then healed by distillation from the source on TinyStories text, on CPU in a few minutes.
 
-    python benchmarks/heal_stories.py [--steps 400] [--lr 2e-2] [--trainable attention] [--out out/heal-stories]
+    python benchmarks/heal_stories.py [--methods weight-only calibrated] [--calibrated-from DIR] [--threads 1]
 
-Prints the perplexity on TinyStories-valid.txt (held out: never trained on) before conversion, after conversion
-and after healing, as a Markdown table. Training text: ../shared/real/tinystories/tinystories.txt.
+Two methods, each a conversion and a healing run (METHODS):
+- weight-only: `convert --rank-k 1 --rank-v 1` (no calibration), then 400 steps of 4 x 512 tokens, lr 2e-2,
+  attention trainable (the earlier demo);
+- calibrated: the same ranks with `--calib train.tok512.npy` (the library's default calibration and refinement,
+  as benchmarks/quality.py calibrates), then 400 steps of 4 x 512 tokens, lr 1e-3, every weight trainable (the best
+  of the runs in benchmarks/results/heal_stories.md).
+--calibrated-from heals an existing calibrated conversion instead of converting again (its conversion time is then
+not measured). Prints the perplexity on TinyStories-valid.txt (held out: never trained on, windows of 512) of the
+source and of each method before and after healing, as a Markdown table, with the machine and its load average
+(a measurement on a loaded machine is conservative). Training text: ../shared/real/tinystories/tinystories.txt.
 """
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -24,82 +33,89 @@ from factorconv.convert.options import ConvertOptions
 from factorconv.data import load_tokens
 from factorconv.finetune import FinetuneOptions, finetune
 
+CALIB = REAL / "tinystories" / "train.tok512.npy"
+# method -> (ConvertOptions fields beyond the ranks, FinetuneOptions fields beyond the data)
+METHODS = {
+    "weight-only": ({}, dict(trainable="attention", lr=2e-2, steps=400, batch_size=4)),
+    "calibrated": ({"calib": str(CALIB)}, dict(trainable="all", lr=1e-3, steps=400, batch_size=4)),
+}
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REAL / "stories260K-hf")
     parser.add_argument("--train", type=Path, default=REAL / "tinystories" / "tinystories.txt")
     parser.add_argument("--valid", type=Path, default=REAL / "tinystories" / "TinyStories-valid.txt")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--calibrated-from", type=Path, help="an existing calibrated conversion to heal")
     parser.add_argument("--rank", type=int, default=1, help="TPA R_K = R_V")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--seq-len", type=int, default=512, help="training blocks and eval windows")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--trainable", default="attention", choices=["attention", "attention+norms", "all"])
     parser.add_argument("--out", type=Path, help="keep the converted and healed folders here (default: temporary)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a 260K model gains nothing from more)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} not found: this demo needs ../shared/real beside the checkout")
+    load_before = load_average()
 
     tokens = load_tokens(args.valid, AutoTokenizer.from_pretrained(args.model))
+    source = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    source_row = measure("source", source, tokens, args.seq_len, None, 0.0)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
-        source = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        rows = [measure("source (before conversion)", source, tokens, args.seq_len, None, 0.0)]
-        base = rows[0]["ppl"]
+        for name in args.methods:
+            conversion, healing = METHODS[name]
+            start = time.perf_counter()
+            if name == "calibrated" and args.calibrated_from:
+                converted, convert_s = args.calibrated_from, None
+            else:
+                options = ConvertOptions(source=str(args.model), output=root / name, rank_k=args.rank,
+                                         rank_v=args.rank, overwrite=True, **conversion)
+                converted = convert(options, progress=False)
+                convert_s = time.perf_counter() - start
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+            zero_shot = measure(name, model, tokens, args.seq_len, source_row["ppl"], 0.0)
 
-        start = time.perf_counter()
-        converted = convert(
-            ConvertOptions(
-                source=str(args.model), output=root / "tpa", rank_k=args.rank, rank_v=args.rank, overwrite=True
-            ),
-            progress=False,
-        )
-        seconds = time.perf_counter() - start
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
-        label = f"TPA R_K=R_V={args.rank}, converted"
-        rows.append(measure(label, model, tokens, args.seq_len, base, seconds))
-
-        start = time.perf_counter()
-        healed = finetune(
-            FinetuneOptions(
-                model=str(converted),
-                output=root / "tpa-healed",
-                data=[str(args.train)],
-                eval_data=str(args.valid),
-                steps=args.steps,
-                lr=args.lr,
-                seq_len=args.seq_len,
-                batch_size=args.batch_size,
-                trainable=args.trainable,
-                eval_every=max(1, args.steps // 4),
-                device="cpu",
-                overwrite=True,
-            ),
-            progress=False,
-        )
-        seconds = time.perf_counter() - start
-        model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval()
-        rows.append(measure(f"TPA R_K=R_V={args.rank}, healed", model, tokens, args.seq_len, base, seconds))
-        summary = json.loads((healed / "finetune_summary.json").read_text())
+            start = time.perf_counter()
+            healed = finetune(
+                FinetuneOptions(model=str(converted), output=root / f"{name}-healed", data=[str(args.train)],
+                                eval_data=str(args.valid), seq_len=args.seq_len, device="cpu", overwrite=True,
+                                **healing),
+                progress=False,
+            )
+            heal_s = time.perf_counter() - start
+            model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval()
+            after = measure(name, model, tokens, args.seq_len, source_row["ppl"], heal_s)
+            summary = json.loads((healed / "finetune_summary.json").read_text())
+            rows.append(dict(name=name, zero_shot=zero_shot, healed=after, convert_s=convert_s, summary=summary,
+                             healing=healing))
 
     threads = torch.get_num_threads()
     print(
-        f"model: {args.model.name}, eval: {args.valid.name} ({tokens.numel():,} tokens, windows of {args.seq_len}), "
-        f"healing: {summary['steps']} steps, {summary['tokens']:,} tokens of {args.train.name}, "
-        f"trainable {args.trainable} ({summary['trainable_parameters']:,} of {summary['parameters']:,} parameters), "
-        f"lr {args.lr:g}, {summary['tokens_per_s']:,.0f} tokens/s; fp32, {platform.machine()} CPU "
-        f"({threads} thread{'s' if threads != 1 else ''}), torch {torch.__version__}, "
-        f"factorconv {factorconv.__version__}\n"
+        f"model: {args.model.name}, TPA R_K=R_V={args.rank} ({zero_shot['kv_bytes']:,} of "
+        f"{source_row['kv_bytes']:,} KV bytes/token, {zero_shot['kv_bytes'] / source_row['kv_bytes']:.0%}); "
+        f"eval: {args.valid.name} ({tokens.numel():,} tokens, windows of {args.seq_len}), source perplexity "
+        f"{source_row['ppl']:.3f}; healing: KL to the source on {args.train.name}, batch "
+        f"{rows[0]['summary']['tokens_per_step'] // args.seq_len} x {args.seq_len}, warmup 5%, cosine to 10%; "
+        f"fp32, {platform.machine()} CPU ({os.cpu_count()} cores, torch on {threads} thread"
+        f"{'s' if threads != 1 else ''}), load average (1, 5, 15 min) {load_before} before and {load_average()} "
+        f"after; torch {torch.__version__}, factorconv {factorconv.__version__}\n"
     )
-    print("| model | KV bytes/token | of source | perplexity | ratio | seconds |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | conversion | healing | zero-shot | healed | convert s | heal s | tokens/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        h, s = r["healing"], r["summary"]
+        conversion = "`--calib` (default refinement)" if METHODS[r["name"]][0] else "weight-only"
+        healing = f"{s['steps']} steps, {s['tokens']:,} tokens, {h['trainable']}, lr {h['lr']:g}"
+        convert_s = f"{r['convert_s']:.0f}" if r["convert_s"] is not None else "(reused)"
         print(
-            f"| {r['method']} | {r['kv_bytes']:,} | {r['kv_bytes'] / rows[0]['kv_bytes']:.1%} | {r['ppl']:.3f} | "
-            f"{r['ratio']:.2f}x | {r['seconds']:.1f} |"
+            f"| {r['name']} | {conversion} | {healing} | {r['zero_shot']['ratio']:.2f}x | "
+            f"{r['healed']['ratio']:.2f}x | {convert_s} | {r['healed']['seconds']:.0f} | {s['tokens_per_s']:,.0f} |"
         )
 
 
