@@ -5,13 +5,14 @@ This file is copied next to converted weights and must import nothing but transf
 
 from transformers import PreTrainedConfig
 
-ATTENTION_KINDS = ("tpa", "mfa", "mfa_kr")
-# The fields only one kind reads; config.json holds the active kind's (folders with all of them still load).
+# The attention kinds and the fields only each one reads; config.json holds the active kind's (folders with all of
+# them still load).
 KIND_FIELDS = {
     "tpa": ("tpa_rank_k", "tpa_rank_v", "tpa_rank_q", "tpa_contextual"),
     "mfa": ("key_dim", "value_dim", "rope_pair_index", "query_rank"),
     "mfa_kr": ("rope_dim", "nope_dim", "rope_pair_index", "query_rank", "latent_norm"),
 }
+ATTENTION_KINDS = tuple(KIND_FIELDS)
 SERVING_FORMATS = (None, "deepseek_v3", "llama")  # stock architectures a conversion can be built to fit
 # Folders written before the cache became a stock DynamicCache name this layer type in `layer_types`.
 _LEGACY_LAYER_TYPE = "factorconv"
