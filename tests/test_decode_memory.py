@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import random_ids, randomize_head_proj
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
 
+from factorconv.evaluate.dispatch import decode_step_ops
 from factorconv.modeling import CACHE_KEY, output_cache
 from factorconv.modeling import modeling_factorconv as modeling
 
@@ -64,3 +66,21 @@ def test_a_decode_step_reads_the_cache_once_and_copies_nothing_per_head(converte
     per_head_copy = config.num_attention_heads * tokens * config.head_dim * 4
     assert record.largest < per_head_copy / 2, (record.op, record.largest, per_head_copy)
     assert record.broadcast_reads == []  # the cache is read once for all heads (heads folded into the rows)
+
+
+# Kernels one decoding step's attention launches per layer on a GPU's path, at most (today's counts, with a batch
+# above one and a token count off the multiples of 8, the path with the most). A small-batch GPU decode step is
+# host-bound, so each kernel more is time (benchmarks/results/decode_ops.md); the source's LlamaAttention launches
+# 17 on the same count. A change that adds kernels to the decode step has to justify it here.
+KERNEL_BUDGET = {"tpa": 22, "tpa_contextual": 26, "mfa": 25, "mfa_kr": 27}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_decode_step_launches_few_kernels(converted, kind, monkeypatch):
+    monkeypatch.setattr(modeling, "fused_decode_applies", lambda key: False)
+    folder = converted("llama_gqa", **KINDS[kind])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    if model.config.tpa_contextual:
+        model = randomize_head_proj(model, seed=0)
+    ops = decode_step_ops(model, batch=2, tokens=121)
+    assert ops.attention.total() <= KERNEL_BUDGET[kind], dict(ops.attention.kernels)

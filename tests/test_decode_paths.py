@@ -60,3 +60,32 @@ def test_decode_step_equals_prefill_row(kind, impl, length, monkeypatch):
         assert probs.shape == (2, 6, 1, length)
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 6, 1))
         assert float(probs[1, :, 0, :3].abs().max()) == 0.0  # padded positions get no weight
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_decode_follows_weights_changed_after_a_step(kind, monkeypatch):
+    """What decoding derives from the weights once (scaled head mixes, per-head maps) is rebuilt when they change:
+    in place (an optimizer step, load_state_dict) or by a move to another dtype."""
+    monkeypatch.setattr(modeling, "fused_decode_applies", lambda key: False)
+    model = _layer(kind, "sdpa")
+    ids = torch.randint(0, 64, (2, 12))
+
+    def step_and_full() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :-1], use_cache=True, **{CACHE_KEY: cache})
+            step = model(ids[:, -1:], use_cache=True, **{CACHE_KEY: cache}).logits[:, -1]
+            return step, model(ids).logits[:, -1]
+
+    before, _ = step_and_full()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("head_mix", "rope_mix", "key_up", "value_up")):
+                param.mul_(-1.5)
+    step, full = step_and_full()
+    assert not torch.allclose(step, before, atol=1e-3)
+    torch.testing.assert_close(step, full, atol=1e-4 * float(full.abs().max()), rtol=0)
+    model.double()
+    step, full = step_and_full()
+    assert step.dtype == torch.float64
+    torch.testing.assert_close(step, full, atol=1e-9 * float(full.abs().max()), rtol=0)

@@ -247,8 +247,10 @@ def test_grad_checkpointing_and_accumulation_do_not_change_the_result(tpa, token
         progress=False,
     )
     a, b = weights(one), weights(two)
+    # Another batch shape rounds the fp32 sums differently, and Adam's m/√v turns a rounding-sized gradient
+    # element into an lr-sized step (one element of 8192 moved 4e-6 here): a wrong accumulation moves all by ~lr.
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
 
 
 def test_cross_entropy_only_needs_no_teacher(source_dirs, tokens_file, tmp_path):

@@ -119,7 +119,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     """Rotate the last dim of x; cos/sin are (batch, tokens, dim), unsqueezed where x has its head axis."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return x * cos + rotate_half(x) * sin
+    return torch.addcmul(x * cos, rotate_half(x), sin)  # x·cos + rotate_half(x)·sin, one kernel fewer
 
 
 class FactorConvMLP(nn.Module):
@@ -259,17 +259,39 @@ def fused_decode_applies(key: torch.Tensor) -> bool:
     return key.device.type == "cpu"
 
 
+def derived(
+    module: nn.Module, name: str, params: tuple[torch.Tensor, ...], dtype: torch.dtype, build: Callable[[], tuple]
+) -> tuple:
+    """`build()`: `dtype` tensors that decoding derives from parameters (scaled head mixes, per-head maps), built
+    once and rebuilt only when a parameter they come from changes (in-place update, new storage, another device).
+
+    A decode step is host-bound: each small op on the weights is one more kernel launch per layer per step. Under
+    torch.compile, or whenever the parameters may be trained, they are built in place (the graph fuses them;
+    autograd must see them)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return build()
+    key = (dtype, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+    memo = module.__dict__.setdefault("_derived", {})
+    hit = memo.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = memo[name] = (key, build())
+    return hit[1]
+
+
 def single_head_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | int, attention_mask
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One decoding step of every head against one cached head: (B, H, 1, W) queries, (B, 1, T, W) keys,
-    (B, 1, T, V) values -> (B, 1, H, V) and the probabilities (B, H, 1, T) under eager attention. `value` may be
-    an offset: the values are then `key[..., value:]` (MFA-KR's latent, read in place).
+    """One decoding step of every head against one cached head: (B, H, 1, W) queries that already carry the
+    softmax scale, (B, 1, T, W) keys, (B, 1, T, V) values -> (B, 1, H, V) and the probabilities (B, H, 1, T) under
+    eager attention. `value` may be an offset: the values are then `key[..., value:]` (MFA-KR's latent, read in
+    place).
 
     The heads are folded into the query axis, so the cache is read once for all heads and never copied per head;
     a (B, 1, 1, T) padding mask broadcasts over the folded heads. Where SDPA's fused kernel is the faster way
     (`fused_decode_applies`) it runs with values that are part of the key read as the whole key row, keeping the
-    part of the output they make; otherwise two matrix products, which spread over the tokens.
+    part of the output they make; otherwise two matrix products, which spread over the tokens, and a softmax in
+    the scores' dtype (its kernels accumulate in fp32): no casts or scaling between them, each a kernel launch.
     """
     folded = query.transpose(1, 2)  # (B, 1, H, W)
     mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
@@ -278,7 +300,7 @@ def single_head_attention(
     equal = offset is not None or value.shape[-1] == key.shape[-1]
     if not eager and equal and fused_decode_applies(key):
         whole = key if offset is not None else value
-        out = nn.functional.scaled_dot_product_attention(folded, key, whole, attn_mask=mask, scale=module.scaling)
+        out = nn.functional.scaled_dot_product_attention(folded, key, whole, attn_mask=mask, scale=1.0)
         return (out[..., offset:] if offset is not None else out), None
     if offset is not None:
         value = key[..., offset:]
@@ -287,13 +309,12 @@ def single_head_attention(
     # (benchmarks/results/decode_gpu.md), so the tokens go on the rows of both products, where only the heads lead.
     tokens_first = key.shape[-2] % 8 != 0
     if tokens_first:
-        scores = torch.matmul(key, folded.transpose(2, 3)).transpose(2, 3)
-        scores = scores.to(torch.float32, memory_format=torch.contiguous_format) * module.scaling
+        scores = torch.matmul(key, folded.transpose(2, 3)).transpose(2, 3).contiguous()
     else:
-        scores = torch.matmul(folded, key.transpose(2, 3)).float() * module.scaling
+        scores = torch.matmul(folded, key.transpose(2, 3))
     if mask is not None:  # (no mask: a single query position attends to every cached token)
         scores = _masked_scores(scores, mask)
-    probs = scores.softmax(dim=-1).to(query.dtype)
+    probs = scores.softmax(dim=-1)
     weights = probs.transpose(2, 3).contiguous().transpose(2, 3) if tokens_first else probs
     return torch.matmul(weights, value), probs.transpose(1, 2) if eager else None
 
@@ -331,8 +352,9 @@ class FactorConvTPAAttention(nn.Module):
     @staticmethod
     def _pack(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """(B, T, R, D) basis and its head factors -> one (B, 1, T, width) cache row (a only when per token)."""
-        parts = [b.flatten(-2)] + ([a.flatten(-2)] if a.dim() > 2 else [])
-        return torch.cat(parts, dim=-1).unsqueeze(1)
+        if a.dim() == 2:
+            return b.flatten(-2).unsqueeze(1)
+        return torch.cat([b.flatten(-2), a.flatten(-2)], dim=-1).unsqueeze(1)
 
     @staticmethod
     def _unpack(row: torch.Tensor, product: TensorProduct, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,10 +374,14 @@ class FactorConvTPAAttention(nn.Module):
 
         query: (B, H, 1, D); rows as cached, (B, 1, T, R·D). Returns (B, 1, H, D) and the probabilities (eager).
         """
-        a_k, a_v = self.k_product.head_mix.to(query.dtype), self.v_product.head_mix.to(query.dtype)
-        mixed_query = torch.einsum("bhld,rh->bhlrd", query, a_k).flatten(-2)
+        mixes = (self.k_product.head_mix, self.v_product.head_mix)
+        key_mix, value_mix = derived(self, "mixes", mixes, query.dtype, lambda: (  # head-major, as the queries
+            (mixes[0].T.contiguous() * self.scaling)[:, None, :, None].to(query.dtype),  # (H, 1, R_K, 1)
+            mixes[1].T.contiguous()[:, :, None].to(query.dtype),  # (H, R_V, 1)
+        ))
+        mixed_query = (query.unsqueeze(-2) * key_mix).flatten(-2)  # (B, H, 1, R·D), scaled
         out, probs = single_head_attention(self, mixed_query, key_row, value_row, attention_mask)
-        return torch.einsum("blhrd,rh->blhd", out.unflatten(-1, (a_v.shape[0], self.head_dim)), a_v), probs
+        return (out.unflatten(-1, (value_mix.shape[1], self.head_dim)) * value_mix).sum(-2), probs
 
     def factor_attention(
         self,
@@ -378,8 +404,7 @@ class FactorConvTPAAttention(nn.Module):
         rows = query.reshape(bsz, heads * q_len, dim)
         q_dot_b = torch.bmm(rows, b_k.reshape(bsz, tokens * rank_k, dim).transpose(1, 2))
         scores = torch.einsum("bhltr,btrh->bhlt", q_dot_b.view(bsz, heads, q_len, tokens, rank_k), a_k)
-        scores = _masked_scores(scores.float() * self.scaling, attention_mask)
-        probs = scores.softmax(dim=-1).to(query.dtype)
+        probs = _masked_scores(scores * self.scaling, attention_mask).softmax(dim=-1)  # fp32 inside the kernel
         weights = torch.einsum("bhlt,btrh->bhltr", probs, a_v).reshape(bsz, heads * q_len, tokens * rank_v)
         out = torch.bmm(weights, b_v.reshape(bsz, tokens * rank_v, dim)).view(bsz, heads, q_len, dim)
         return out.transpose(1, 2), probs
@@ -463,6 +488,8 @@ class SharedKVAttention(nn.Module):
         """Rotate the first `rotary_width` dims of (B, 1, L, ·) cache rows, pair n at its source frequency."""
         gather = self._pair_dims(cos.device)
         rotated = apply_rope(x[..., : self.rotary_width], cos[..., gather], sin[..., gather], unsqueeze_dim=1)
+        if x.shape[-1] == self.rotary_width:  # MFA: all of it (a concatenation would be one more copy)
+            return rotated
         return torch.cat([rotated, x[..., self.rotary_width :]], dim=-1)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -527,14 +554,25 @@ class SharedKVAttention(nn.Module):
 
     def _absorbed(self, query, cos, sin, key_row, nope, value, attention_mask):
         """Decoding: the maps move into the query and the output; one attention over the single cached head."""
-        rotated_query = apply_rope(query, cos, sin, unsqueeze_dim=1)[..., self._pair_dims(query.device)]
-        mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1).repeat_interleave(self.num_key_value_groups, dim=0)
-        absorbed = [rotated_query * mix[:, None, :].to(query.dtype)]
+        rope_mix, key_up = self._absorbed_maps(query.dtype)
+        absorbed = apply_rope(query, cos, sin, unsqueeze_dim=1)[..., self._pair_dims(query.device)] * rope_mix
         if nope is not None:
-            absorbed.append(self._per_group(query, self.key_up, transpose=False))
-        out, weights = single_head_attention(self, torch.cat(absorbed, dim=-1), key_row, value, attention_mask)
-        out = self._per_group(out.transpose(1, 2), self.value_up, transpose=True)  # (B, H, 1, D)
+            absorbed = torch.cat([absorbed, self._per_group(query, key_up, transpose=False)], dim=-1)
+        out, weights = single_head_attention(self, absorbed, key_row, value, attention_mask)
+        out = self._per_group(out.transpose(1, 2), self.value_up.to(query.dtype), transpose=True)  # (B, H, 1, D)
         return out.transpose(1, 2), weights
+
+    def _absorbed_maps(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query-side maps with the softmax scale in them: each head's pair scales (H, 1, d_R) for both
+        components of its rotated pairs, and `key_up` × scale (g, D, d_N) or None."""
+        params = (self.rope_mix,) if self.key_up is None else (self.rope_mix, self.key_up)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor | None]:
+            mix = torch.cat([self.rope_mix, self.rope_mix], dim=-1).repeat_interleave(self.num_key_value_groups, 0)
+            key_up = (self.key_up * self.scaling).to(dtype) if self.key_up is not None else None
+            return (mix * self.scaling)[:, None, :].to(dtype), key_up
+
+        return derived(self, "absorbed_maps", params, dtype, build)
 
 
 class FactorConvMFAAttention(SharedKVAttention):
