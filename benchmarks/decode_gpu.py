@@ -312,7 +312,7 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
                 continue
             where = f"| {batch} × {context // 1024}K | {cache} | {model['model']} | {model['param_bytes'] / 1e9:.1f} |"
             if cell.get("oom"):
-                print(f"{where} out of memory | | | | | | |")
+                print(f"{where} out of memory | | | | | | | |")
                 continue
             if model["model"].startswith("source"):
                 base = cell["step_s"]
@@ -322,7 +322,7 @@ def print_tables(result: dict, fit_context: int, fit_gib: float) -> None:
             busy = f"{cell['gpu_busy_s'] * 1e3:.1f}" if cell.get("gpu_busy_s") else ""
             print(f"{where} {cell['cache_bytes'] / 2**30:.2f} | {peak} | {cell['prefill_s']:.2f} | "
                   f"{cell['step_s'] * 1e3:.1f} ({cell['step_p10_s'] * 1e3:.1f}–{cell['step_p90_s'] * 1e3:.1f}) | "
-                  f"{versus} | {floor} |")
+                  f"{busy} | {versus} | {floor} |")
     print(f"\nLargest batch at {fit_context // 1024}K context in {fit_gib:.0f} GiB (estimated from the measured "
           "per-sequence memory of the largest batch measured at that context, dynamic cache):\n")
     print("| model | measured at batch | GiB per sequence | largest batch |")

@@ -499,6 +499,10 @@ for name, acc in releases.items():
         }
 with open(os.environ["GRAD_NORM_LOG"] + "." + str(accelerator.process_index) + ".json", "w") as f:
     json.dump(results, f)
+# a process group left to interpreter teardown can abort gloo's threads ("terminate called without an active
+# exception") after the results are written: close it while every rank is still here
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
 '''
 
 
