@@ -264,6 +264,10 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--kl-weight", type=float, help="Weight of KL(teacher || student).  [default: 1]")
 @click.option("--ce-weight", type=float, help="Weight of next-token cross-entropy.  [default: 0]")
 @click.option("--temperature", type=float, help="Distillation temperature.  [default: 1]")
+@click.option(
+    "--hidden-weight", type=float,
+    help="Weight of layer-wise distillation: mean relative squared error of each layer's output.  [default: 0]",
+)
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), help="Training weights.  [default: float32]")
 @click.option(

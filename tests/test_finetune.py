@@ -267,6 +267,19 @@ def test_cross_entropy_only_needs_no_teacher(source_dirs, tokens_file, tmp_path)
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
+def test_hidden_state_distillation_alone_heals_from_the_cli(tpa, tokens_file, tmp_path):
+    """--hidden-weight with --kl-weight 0: the layer-wise term alone trains, is logged, and lowers perplexity."""
+    out = tmp_path / "hidden"
+    result = run("finetune", tpa, out, "--data", tokens_file, "--steps", 8, "--seq-len", SEQ, "--batch-size", 4,
+                 "--lr", 3e-3, "--kl-weight", 0, "--hidden-weight", 1)
+    assert result.exit_code == 0, result.output
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert all(r["kl"] == 0 and r["loss"] == pytest.approx(r["hidden"], rel=1e-5) for r in rows)
+    assert rows[-1]["hidden"] < rows[0]["hidden"]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["eval"]["after_ppl"] < summary["eval"]["before_ppl"]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_loss_is_kl_teacher_to_student_plus_ce(temperature):
     import torch.nn.functional as F
@@ -286,6 +299,22 @@ def test_distillation_loss_is_kl_teacher_to_student_plus_ce(temperature):
     assert distillation_loss(teacher, teacher, ids).kl.abs() < 1e-6  # zero when the student is the teacher
 
 
+def test_hidden_state_term_is_the_layer_mean_of_normalised_errors():
+    from factorconv.finetune.loss import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 6, 11, generator=gen), torch.randint(0, 11, (2, 6), generator=gen)
+    teacher = tuple(torch.randn(2, 6, 4, generator=gen) * scale for scale in (1.0, 10.0))
+    student = tuple((t + torch.randn(2, 6, 4, generator=gen) * 0.1 * t.std()).requires_grad_() for t in teacher)
+    parts = distillation_loss(logits, logits, ids, hidden=(student, teacher), hidden_weight=2.0)
+    errors = [((s - t) ** 2).sum() / (t**2).sum() for s, t in zip(student, teacher)]
+    torch.testing.assert_close(parts.hidden, ((errors[0] + errors[1]) / 2).detach())
+    torch.testing.assert_close(parts.loss, errors[0] + errors[1], atol=1e-6, rtol=1e-5)  # KL of equal logits: 0
+    parts.loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    assert distillation_loss(logits, logits, ids, hidden=(teacher, teacher), hidden_weight=1.0).hidden == 0
+
+
 def test_options_parse_token_counts_and_reject_conflicts():
     from pydantic import ValidationError
 
@@ -293,7 +322,7 @@ def test_options_parse_token_counts_and_reject_conflicts():
     assert o.tokens == 50_000_000 and o.data == ["corpus/"] and o.lora_targets == ["up_proj", "down_proj"]
     assert FinetuneOptions(model="m", output="o", data=["d"], tokens="1.5k").tokens == 1500
     for bad in ({"tokens": "lots"}, {"resume": True, "overwrite": True}, {"save_adapter": True},
-                {"kl_weight": 0}, {"device": "cuda:1"}, {"epochs": 2}):
+                {"kl_weight": 0}, {"device": "cuda:1"}, {"epochs": 2}, {"hidden_weight": -1}):
         with pytest.raises(ValidationError):
             FinetuneOptions(model="m", output="o", data=["d"], **bad)
 

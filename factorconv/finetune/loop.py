@@ -57,6 +57,7 @@ class StepStats(NamedTuple):
     loss: float
     kl: float
     ce: float
+    hidden: float
     grad_norm: float
     stop: bool
 
@@ -83,21 +84,26 @@ def train_step(training: Training, step: int, stop: StopRequest) -> StepStats:
     """One optimizer step over `grad_accum` micro-batches (gradients synchronised on the last one)."""
     o, acc, models, data = training.options, training.accelerator, training.models, training.data
     rank = acc.process_index
-    sums = torch.zeros(3, device=acc.device)
+    sums = torch.zeros(4, device=acc.device)
     for micro in range(o.grad_accum):
         ids = data.split.train[data.sampler.indices(step, micro, rank)].to(acc.device, non_blocking=True)
         sync = micro == o.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(models.student):
-            teacher_logits = None
+            teacher_out, layers = None, o.hidden_weight > 0
             if models.teacher is not None:
                 with torch.no_grad(), acc.autocast():
-                    teacher_logits = models.teacher(input_ids=ids, use_cache=False).logits
+                    teacher_out = models.teacher(input_ids=ids, use_cache=False, output_hidden_states=layers)
             with acc.autocast():
-                student_logits = models.student(input_ids=ids, use_cache=False).logits
-            parts = distillation_loss(student_logits, teacher_logits, ids, o.kl_weight, o.ce_weight, o.temperature)
+                student_out = models.student(input_ids=ids, use_cache=False, output_hidden_states=layers)
+            # hidden_states: the embedding, then every decoder layer's output (the last one through the final norm)
+            hidden = (student_out.hidden_states[1:], teacher_out.hidden_states[1:]) if layers else None
+            parts = distillation_loss(
+                student_out.logits, teacher_out.logits if teacher_out is not None else None, ids,
+                o.kl_weight, o.ce_weight, o.temperature, hidden, o.hidden_weight,
+            )
             acc.backward(parts.loss / o.grad_accum)
-        sums += torch.stack([parts.loss.detach(), parts.kl, parts.ce])
-        del teacher_logits, student_logits, parts
+        sums += torch.stack([parts.loss.detach(), parts.kl, parts.ce, parts.hidden])
+        del teacher_out, student_out, hidden, parts
     for group in models.optimizer.param_groups:
         group["lr"] = lr_at(step, o, data.total, data.warmup)
     grad_norm = clip_gradients(acc, models.params, o.max_grad_norm)
@@ -106,8 +112,8 @@ def train_step(training: Training, step: int, stop: StopRequest) -> StepStats:
     flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=acc.device)
     stats = torch.cat([sums / o.grad_accum, grad_norm.detach().float().reshape(1), flag])
     stats = acc.reduce(stats.float(), reduction="sum")
-    loss, kl, ce, norm = (stats[:4] / acc.num_processes).tolist()
-    return StepStats(loss, kl, ce, norm, bool(stats[4]))
+    loss, kl, ce, matched, norm = (stats[:5] / acc.num_processes).tolist()
+    return StepStats(loss, kl, ce, matched, norm, bool(stats[5]))
 
 
 def _stopped(training: Training, stop: StopRequest, done: int, where: Path) -> FactorConvError:
@@ -148,6 +154,7 @@ def train(training: Training, start: int, before: dict, progress: bool) -> LoopR
                 "loss": stats.loss,
                 "kl": stats.kl,
                 "ce": stats.ce,
+                **({"hidden": stats.hidden} if o.hidden_weight > 0 else {}),
                 "lr": lr_at(step, o, data.total, data.warmup),
                 "grad_norm": stats.grad_norm,
                 "tokens": done * data.tokens_per_step,

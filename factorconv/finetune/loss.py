@@ -1,4 +1,5 @@
-"""The healing objective: KL(teacher ‖ student) on the logits at a temperature, plus optional next-token CE."""
+"""The healing objective: KL(teacher ‖ student) on the logits at a temperature, plus optional next-token CE and
+optional layer-wise matching of the residual stream."""
 
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ class LossParts:
     loss: torch.Tensor  # what is back-propagated
     kl: torch.Tensor  # detached, per token
     ce: torch.Tensor  # detached, per predicted token
+    hidden: torch.Tensor  # detached, mean over layers of the normalised hidden-state error
 
 
 def distillation_loss(
@@ -20,12 +22,15 @@ def distillation_loss(
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
     temperature: float = 1.0,
+    hidden: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None,
+    hidden_weight: float = 0.0,
 ) -> LossParts:
     """kl_weight · T² · mean_tokens KL(softmax(t/T) ‖ softmax(s/T)) + ce_weight · CE(s, next token).
 
     The T² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.). Every position
     of a packed block is distilled; CE predicts tokens 2..L of each block from the ones before. Both are
     computed in fp32 whatever the logits' dtype. CE is always reported, and only differentiated when weighted.
+    `hidden` = (student, teacher) hidden states of every decoder layer: + hidden_weight · hidden_state_error.
     """
     vocab = student_logits.shape[-1]
     student = student_logits.float().reshape(-1, vocab)
@@ -53,4 +58,18 @@ def distillation_loss(
         ce = F.nll_loss(shifted, labels)
     if ce_weight > 0:
         loss = loss + ce_weight * ce
-    return LossParts(loss=loss, kl=kl.detach(), ce=ce.detach())
+    matched = student.new_zeros(())
+    if hidden is not None:
+        matched = hidden_state_error(*hidden)
+        loss = loss + hidden_weight * matched
+    return LossParts(loss=loss, kl=kl.detach(), ce=ce.detach(), hidden=matched.detach())
+
+
+def hidden_state_error(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers of ‖s - t‖² / ‖t‖² (token-summed): every layer's output is pulled towards the teacher's,
+    so each converted attention gets its own signal instead of only what reaches the logits. Normalising by the
+    teacher's energy weighs layers equally, whatever the residual stream's growth with depth."""
+    errors = [
+        (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12) for s, t in zip(student, teacher)
+    ]
+    return torch.stack(errors).mean()
