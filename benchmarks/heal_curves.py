@@ -41,7 +41,8 @@ MODELS = {
         seq_len=1024,
     ),
 }
-# Which weights train and at what peak learning rate (FinetuneOptions fields).
+# Which weights train, at what peak learning rate, and with what weight of the layer-wise hidden-state term
+# (FinetuneOptions fields; the logit KL always has weight 1).
 METHODS = {
     "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
     "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
@@ -53,6 +54,8 @@ METHODS = {
     "all lr 1e-3": dict(trainable="all", lr=1e-3),
     "all lr 3e-3": dict(trainable="all", lr=3e-3),
     "all lr 1e-2": dict(trainable="all", lr=1e-2),
+    "all lr 1e-3 + hidden 1": dict(trainable="all", lr=1e-3, hidden_weight=1.0),
+    "all lr 1e-3 + hidden 10": dict(trainable="all", lr=1e-3, hidden_weight=10.0),
 }
 
 
