@@ -371,3 +371,15 @@ def test_refinement_options_from_the_command_line(source_dirs, tmp_path):
     assert len(result.output.strip().splitlines()) == 1, result.output
     result = CliRunner().invoke(main, [*args, "--overwrite", "--refine-schedule", "cosine"])
     assert result.exit_code != 0 and "'cosine' is not one of" in result.output
+
+
+def test_tensor_float32_scope_is_cuda_only_and_restores_the_precision():
+    from factorconv.convert.device import tensor_float32
+
+    before = torch.get_float32_matmul_precision()
+    with tensor_float32(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(RuntimeError), tensor_float32(torch.device("cuda")):
+        assert torch.get_float32_matmul_precision() == "high"
+        raise RuntimeError("a failing refinement step")
+    assert torch.get_float32_matmul_precision() == before

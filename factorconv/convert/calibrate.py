@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from ..data import check_token_ids, dataset_tokens, load_tokens
 from ..errors import FactorConvError, OptionError, option
+from .device import tensor_float32
 from .source import SourceCheckpoint
 
 
@@ -133,15 +134,16 @@ class LayerwiseRunner:
 
     def _run(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
-        for start in range(0, hidden.shape[0], self.batch_size):
-            chunk = hidden[start : start + self.batch_size]
-            out = layer(
-                chunk,
-                attention_mask=None,
-                position_ids=self.position_ids,
-                position_embeddings=tuple(p.expand(chunk.shape[0], -1, -1) for p in self.position_embeddings),
-            )
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+        with tensor_float32(self.device):
+            for start in range(0, hidden.shape[0], self.batch_size):
+                chunk = hidden[start : start + self.batch_size]
+                out = layer(
+                    chunk,
+                    attention_mask=None,
+                    position_ids=self.position_ids,
+                    position_embeddings=tuple(p.expand(chunk.shape[0], -1, -1) for p in self.position_embeddings),
+                )
+                outputs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outputs)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 from ..kinds.layer import attention_module, layer_output, output_error, row_chunks
 from ..modeling import FactorConvConfig
 from .calibrate import LayerActivations
+from .device import tensor_float32
 
 
 @dataclass
@@ -105,13 +106,14 @@ def refine_layer(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _step_factor(steps, warmup, final))
         generator = torch.Generator().manual_seed(seed)
         scale = acts.outputs[fit].pow(2).mean()
-        for _ in range(steps):
-            rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
-            loss = (layer_output(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        with tensor_float32(device):
+            for _ in range(steps):
+                rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
+                loss = (layer_output(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
     after = output_error(module, acts, held_out)
     if after >= before:
         return RefineResult(tensors, before, before)
