@@ -32,12 +32,17 @@ from factorconv.convert import convert
 from factorconv.convert.options import ConvertOptions
 from factorconv.data import load_tokens
 from factorconv.finetune import FinetuneOptions, finetune
+from factorconv.finetune.samples import sample_tokens
 
 CALIB = REAL / "tinystories" / "train.tok512.npy"
-# method -> (ConvertOptions fields beyond the ranks, FinetuneOptions fields beyond the data)
+# method -> (ConvertOptions fields beyond the ranks, FinetuneOptions fields beyond the data, tokens sampled from the
+# source to heal on instead of the training text, or None)
+SHORT = dict(trainable="all", lr=3e-3, hidden_weight=1.0, steps=800, batch_size=8, seq_len=256)
 METHODS = {
-    "weight-only": ({}, dict(trainable="attention", lr=2e-2, steps=400, batch_size=4)),
-    "calibrated": ({"calib": str(CALIB)}, dict(trainable="all", lr=1e-3, steps=400, batch_size=4)),
+    "weight-only": ({}, dict(trainable="attention", lr=2e-2, steps=400, batch_size=4), None),
+    "calibrated": ({"calib": str(CALIB)}, dict(trainable="all", lr=1e-3, steps=400, batch_size=4), None),
+    "calibrated, text": ({"calib": str(CALIB)}, SHORT, None),
+    "calibrated, samples": ({"calib": str(CALIB)}, SHORT, 800 * 8 * 256),
 }
 
 
@@ -51,6 +56,7 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=REAL / "tinystories" / "tinystories.txt")
     parser.add_argument("--valid", type=Path, default=REAL / "tinystories" / "TinyStories-valid.txt")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--sample-batch", type=int, default=256, help="sequences sampled at once for 'samples'")
     parser.add_argument("--calibrated-from", type=Path, help="an existing calibrated conversion to heal")
     parser.add_argument("--rank", type=int, default=1, help="TPA R_K = R_V")
     parser.add_argument("--seq-len", type=int, default=512, help="training blocks and eval windows")
@@ -69,9 +75,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
         for name in args.methods:
-            conversion, healing = METHODS[name]
+            conversion, healing, samples = METHODS[name]
             start = time.perf_counter()
-            if name == "calibrated" and args.calibrated_from:
+            if conversion and args.calibrated_from:
                 converted, convert_s = args.calibrated_from, None
             else:
                 options = ConvertOptions(source=str(args.model), output=root / name, rank_k=args.rank,
@@ -81,11 +87,18 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
             zero_shot = measure(name, model, tokens, args.seq_len, source_row["ppl"], 0.0)
 
+            data, sample_s = args.train, None
+            if samples is not None:
+                start = time.perf_counter()
+                data = sample_tokens(str(args.model), root / f"{name.replace(', ', '-')}.npy", samples,
+                                     length=healing["seq_len"], batch_size=args.sample_batch, device="cpu",
+                                     overwrite=True, progress=False)
+                sample_s = time.perf_counter() - start
             start = time.perf_counter()
             healed = finetune(
-                FinetuneOptions(model=str(converted), output=root / f"{name}-healed", data=[str(args.train)],
-                                eval_data=str(args.valid), seq_len=args.seq_len, device="cpu", overwrite=True,
-                                **healing),
+                FinetuneOptions(model=str(converted), output=root / f"{name.replace(', ', '-')}-healed",
+                                data=[str(data)], eval_data=str(args.valid), device="cpu", overwrite=True,
+                                **{"seq_len": args.seq_len, **healing}),
                 progress=False,
             )
             heal_s = time.perf_counter() - start
@@ -93,29 +106,32 @@ def main() -> None:
             after = measure(name, model, tokens, args.seq_len, source_row["ppl"], heal_s)
             summary = json.loads((healed / "finetune_summary.json").read_text())
             rows.append(dict(name=name, zero_shot=zero_shot, healed=after, convert_s=convert_s, summary=summary,
-                             healing=healing))
+                             healing=healing, sample_s=sample_s))
 
     threads = torch.get_num_threads()
     print(
         f"model: {args.model.name}, TPA R_K=R_V={args.rank} ({zero_shot['kv_bytes']:,} of "
         f"{source_row['kv_bytes']:,} KV bytes/token, {zero_shot['kv_bytes'] / source_row['kv_bytes']:.0%}); "
         f"eval: {args.valid.name} ({tokens.numel():,} tokens, windows of {args.seq_len}), source perplexity "
-        f"{source_row['ppl']:.3f}; healing: KL to the source on {args.train.name}, batch "
-        f"{rows[0]['summary']['tokens_per_step'] // args.seq_len} x {args.seq_len}, warmup 5%, cosine to 10%; "
+        f"{source_row['ppl']:.3f}; healing: KL to the source on {args.train.name} or on as many tokens sampled from "
+        f"the source (`factorconv sample`, temperature 1, from BOS), warmup 5%, cosine to 10%; "
         f"fp32, {platform.machine()} CPU ({os.cpu_count()} cores, torch on {threads} thread"
         f"{'s' if threads != 1 else ''}), load average (1, 5, 15 min) {load_before} before and {load_average()} "
         f"after; torch {torch.__version__}, factorconv {factorconv.__version__}\n"
     )
-    print("| method | conversion | healing | zero-shot | healed | convert s | heal s | tokens/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| method | conversion | healing | zero-shot | healed | convert s | sample s | heal s | tokens/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         h, s = r["healing"], r["summary"]
         conversion = "`--calib` (default refinement)" if METHODS[r["name"]][0] else "weight-only"
-        healing = f"{s['steps']} steps, {s['tokens']:,} tokens, {h['trainable']}, lr {h['lr']:g}"
+        extra = f", hidden {h['hidden_weight']:g}" if h.get("hidden_weight") else ""
+        healing = (f"{s['steps']} steps x {s['tokens_per_step'] // h.get('seq_len', args.seq_len)} x "
+                   f"{h.get('seq_len', args.seq_len)} ({s['tokens']:,} tokens), {h['trainable']}, lr {h['lr']:g}{extra}")
         convert_s = f"{r['convert_s']:.0f}" if r["convert_s"] is not None else "(reused)"
+        sample_s = f"{r['sample_s']:.0f}" if r["sample_s"] is not None else "—"
         print(
-            f"| {r['name']} | {conversion} | {healing} | {r['zero_shot']['ratio']:.2f}x | "
-            f"{r['healed']['ratio']:.2f}x | {convert_s} | {r['healed']['seconds']:.0f} | {s['tokens_per_s']:,.0f} |"
+            f"| {r['name']} | {conversion} | {healing} | {r['zero_shot']['ratio']:.2f}x | {r['healed']['ratio']:.3f}x | "
+            f"{convert_s} | {sample_s} | {r['healed']['seconds']:.0f} | {s['tokens_per_s']:,.0f} |"
         )
 
 

@@ -236,6 +236,32 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
     click.echo(f"pushed {folder} to {url}")
 
 
+@main.command(name="sample")
+@click.argument("model")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--tokens", required=True, help="How many tokens to sample, e.g. 2M (rounded up to whole sequences).")
+@click.option("--length", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per sequence, BOS included.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Sequences at once.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, auto.")
+@click.option("--revision", help="Hub revision of MODEL.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.pass_context
+def sample_command(ctx: click.Context, model: str, output: Path, tokens: str, **kwargs) -> None:
+    """Sample healing data from MODEL (usually the source) into OUTPUT.npy, for `finetune --data OUTPUT.npy`."""
+    from .finetune.options import token_count
+    from .finetune.samples import sample_tokens
+
+    try:
+        count = token_count(tokens)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--tokens") from None
+    path = sample_tokens(model, output, count, progress=ctx.obj["progress"], **kwargs)
+    click.echo(f"wrote {path}")
+
+
 @main.command(name="finetune")
 @click.argument("model")
 @click.argument("output", type=click.Path(path_type=Path))

@@ -23,6 +23,17 @@ def default_lr(trainable: Trainable, hidden_size: int) -> float:
     return 1.28 / hidden_size
 
 
+def token_count(value: str) -> int:
+    """50M, 1.5B, 200k -> an int (plain numbers too)."""
+    text = value.strip().upper().replace("_", "").replace(",", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a token count; use e.g. 5000000 or 5M") from None
+
+
 class FinetuneOptions(BaseModel):
     """Distillation healing of a converted model: KL(teacher ‖ student) at a temperature, plus optional CE."""
 
@@ -104,16 +115,7 @@ class FinetuneOptions(BaseModel):
     @field_validator("tokens", "eval_tokens", mode="before")
     @classmethod
     def _count_with_suffix(cls, value: object) -> object:
-        """50M, 1.5B, 200k -> an int (plain numbers pass through)."""
-        if isinstance(value, str):
-            text = value.strip().upper().replace("_", "").replace(",", "")
-            scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:], 1)
-            number = text[:-1] if scale > 1 else text
-            try:
-                return int(float(number) * scale)
-            except ValueError:
-                raise ValueError(f"{value!r} is not a token count; use e.g. 5000000 or 5M") from None
-        return value
+        return token_count(value) if isinstance(value, str) else value
 
     @field_validator("data", mode="before")
     @classmethod
