@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--methods", help="comma-separated row labels' first words to run, e.g. 'MFA-KR,TPA'")
     parser.add_argument("--json", type=Path, help="append one JSON line per row here")
+    parser.add_argument("--progress", action="store_true", help="the conversions' progress bars on stderr")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name, config = SHAPES[args.shapes]
@@ -74,7 +75,7 @@ def main() -> None:
                     source=str(source), output=Path(tmp) / "out", overwrite=True, device=device, kv_budget=args.budget,
                     calib=str(calib), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, **options,
                 ),
-                progress=False,
+                progress=args.progress,
             )
             seconds = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
