@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--corpus-mb", type=float, default=40.0, help="pycode-27M healing corpus size")
+    parser.add_argument("--train", type=Path, help="heal on this file instead (e.g. `factorconv sample` output)")
     parser.add_argument("--json", type=Path, help="append one JSON line per run here")
     parser.add_argument("--png", type=Path, help="plot ratio against tokens (needs matplotlib)")
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train = spec["train"] or python_corpus(root, args.corpus_mb)
+        train = args.train or spec["train"] or python_corpus(root, args.corpus_mb)
         for kind, budget in targets:
             converted = root / f"{kind}-{budget:g}"
             model, convert_s = convert_and_load(spec["folder"], converted, calib=str(spec["calib"]),
@@ -110,7 +111,7 @@ def main() -> None:
                     ratio = measure(kind, model, tokens, spec["seq_len"], base, seconds)["ratio"]
                     del model
                     shutil.rmtree(healed)
-                    row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n,
+                    row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n, data=train.name,
                                zero_shot=zero, ratio=ratio, heal_s=seconds, convert_s=convert_s)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -118,7 +119,7 @@ def main() -> None:
                         with args.json.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
     print(f"\n### {args.model}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
-          f"source perplexity {base:.3f}; default calibrated conversions; healing KL to the source, batch "
+          f"source perplexity {base:.3f}; default calibrated conversions; healing KL to the source on {train.name}, batch "
           f"{args.batch_size} x {spec['seq_len']}, fp32 weights; {machine()}\n")
     heads = " | ".join(f"{n / 1e6:g}M tokens" for n in token_counts)
     print(f"| target, KV bytes | method | zero-shot | {heads} | heal s (largest) |")

@@ -93,7 +93,9 @@ def attention_module(
     config._attn_implementation = "sdpa"  # causal through is_causal, no explicit mask needed
     if rope_pairs is not None:
         config.rope_pair_index[layer] = rope_pairs
-    module = ATTENTION_CLASSES[config.attention](config, layer).to(device=device, dtype=torch.float32)
+    with torch.device("meta"):  # no random init to overwrite (on CPU at 8B shapes: ~0.2 s per module, 16 per layer)
+        module = ATTENTION_CLASSES[config.attention](config, layer)
+    module = module.to_empty(device=device).to(torch.float32)
     prefix = f"model.layers.{layer}.self_attn."
     module.load_state_dict({name[len(prefix) :]: t.float() for name, t in tensors.items()}, strict=True)
     return module
