@@ -18,9 +18,10 @@ if TYPE_CHECKING:  # accelerate is imported when a run starts, not with the opti
     from accelerate import Accelerator
 
 
-def _load(folder: Path, dtype: torch.dtype, what: str) -> PreTrainedModel:
+def load_model(folder: Path, dtype: torch.dtype | str, what: str) -> PreTrainedModel:
+    """The model in `folder` from its safetensors (never a pickle), or a one-line error naming `what` it is."""
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise FactorConvError(f"cannot load the {what} from {folder}: {str(err).splitlines()[0]}") from None
 
@@ -47,7 +48,7 @@ def build_models(options: FinetuneOptions, inputs: Inputs, accelerator: "Acceler
     o, acc = options, accelerator
     set_seed(o.seed)
     dtype = DTYPES[o.dtype]
-    student = _load(inputs.model, dtype, "model")
+    student = load_model(inputs.model, dtype, "model")
     student.config.use_cache = False
     modules = trainable_modules(student, o.trainable)
     if o.grad_checkpointing:
@@ -76,7 +77,7 @@ def build_models(options: FinetuneOptions, inputs: Inputs, accelerator: "Acceler
     student, optimizer = acc.prepare(student, optimizer)
     teacher = None
     if inputs.teacher is not None:
-        teacher = _load(inputs.teacher, dtype, "teacher")
+        teacher = load_model(inputs.teacher, dtype, "teacher")
         teacher.config.use_cache = False
         teacher = teacher.requires_grad_(False).eval().to(acc.device)
     acc.register_save_state_pre_hook(_keep_trainable)
