@@ -11,6 +11,8 @@ TESTS = Path(__file__).resolve().parent
 SKIPS = TESTS.parent / ".ci" / "skips.py"
 
 INNER = '''
+from pathlib import Path
+
 import pytest
 from conftest import REAL
 
@@ -18,8 +20,8 @@ from conftest import REAL
 def test_needs_a_missing_file():
     pass
 
-@pytest.mark.real(REAL.parent)
-def test_needs_a_present_folder():
+@pytest.mark.real(Path(__file__))  # present wherever the suite runs, ../shared beside the clone or not
+def test_needs_a_present_file():
     pass
 
 @pytest.mark.skipif(True, reason="needs a CUDA device")
