@@ -41,8 +41,8 @@ MODELS = {
         seq_len=1024,
     ),
 }
-# Which weights train, at what peak learning rate, and with what weight of the layer-wise hidden-state term
-# (FinetuneOptions fields; the logit KL always has weight 1).
+# Which weights train, at what peak learning rate, with what weight of the layer-wise hidden-state term and,
+# where named, how many blocks per step instead of --batch-size (FinetuneOptions fields; the logit KL has weight 1).
 METHODS = {
     "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
     "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
@@ -56,6 +56,10 @@ METHODS = {
     "all lr 1e-2": dict(trainable="all", lr=1e-2),
     "all lr 1e-3 + hidden 1": dict(trainable="all", lr=1e-3, hidden_weight=1.0),
     "all lr 1e-3 + hidden 10": dict(trainable="all", lr=1e-3, hidden_weight=10.0),
+    "all lr 1e-3, batch 8": dict(trainable="all", lr=1e-3, batch_size=8),
+    "all lr 1e-3, batch 4": dict(trainable="all", lr=1e-3, batch_size=4),
+    "all lr 5e-4, batch 4": dict(trainable="all", lr=5e-4, batch_size=4),
+    "all lr 5e-4, batch 2": dict(trainable="all", lr=5e-4, batch_size=2),
 }
 
 
@@ -104,14 +108,15 @@ def main() -> None:
                     start = time.perf_counter()
                     finetune(FinetuneOptions(
                         model=str(converted), output=healed, data=[str(train)], eval_data=str(spec["heal_eval"]),
-                        tokens=n, batch_size=args.batch_size, seq_len=spec["seq_len"], device=args.device,
-                        overwrite=True, **METHODS[method]), progress=False)
+                        tokens=n, seq_len=spec["seq_len"], device=args.device, overwrite=True,
+                        **(dict(batch_size=args.batch_size) | METHODS[method])), progress=False)
                     seconds = time.perf_counter() - start
                     model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval().to(args.device)
                     ratio = measure(kind, model, tokens, spec["seq_len"], base, seconds)["ratio"]
                     del model
                     shutil.rmtree(healed)
                     row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n, data=train.name,
+                               batch_size=METHODS[method].get("batch_size", args.batch_size),
                                zero_shot=zero, ratio=ratio, heal_s=seconds, convert_s=convert_s)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -120,7 +125,7 @@ def main() -> None:
                             handle.write(json.dumps(row) + "\n")
     print(f"\n### {args.model}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
           f"source perplexity {base:.3f}; default calibrated conversions; healing KL to the source on {train.name}, batch "
-          f"{args.batch_size} x {spec['seq_len']}, fp32 weights; {machine()}\n")
+          f"{args.batch_size} x {spec['seq_len']} unless the method names one, fp32 weights; {machine()}\n")
     heads = " | ".join(f"{n / 1e6:g}M tokens" for n in token_counts)
     print(f"| target, KV bytes | method | zero-shot | {heads} | heal s (largest) |")
     print("|---|---|---:|" + "---:|" * len(token_counts) + "---:|")
