@@ -374,7 +374,7 @@ def test_refinement_options_from_the_command_line(source_dirs, tmp_path):
 
 
 def test_tensor_float32_scope_is_cuda_only_and_restores_the_precision():
-    from factorconv.convert.device import tensor_float32
+    from factorconv.precision import tensor_float32
 
     before = torch.get_float32_matmul_precision()
     with tensor_float32(torch.device("cpu")):
@@ -383,3 +383,11 @@ def test_tensor_float32_scope_is_cuda_only_and_restores_the_precision():
         assert torch.get_float32_matmul_precision() == "high"
         raise RuntimeError("a failing refinement step")
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_fitting_precision_autocasts_only_on_cuda():
+    from factorconv.precision import fitting_precision
+
+    with fitting_precision(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

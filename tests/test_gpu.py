@@ -84,3 +84,26 @@ def test_cuda_prefill_through_cudnn_equals_transformers_sdpa(options, padded, co
     keep = mask.bool()
     scale = fallback.abs().max().item()
     assert (direct - fallback)[keep].abs().max().item() < 0.02 * scale
+
+
+@pytest.mark.parametrize("target", ["tpa", "mfa", "mfa_kr"])
+def test_cuda_refinement_in_bf16_autocast_fits_as_well_as_float32_on_cpu(target, source_dirs, tmp_path):
+    """Refinement's Adam steps run under bf16 autocast on CUDA (precision.fitting_precision); the errors it reaches
+    are those of the float32 CPU steps, up to the noise of a different device's arithmetic."""
+    import json
+
+    import numpy as np
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, random_ids(1, 32 * 80, seed=5)[0].numpy().astype(np.uint16))
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = convert(ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / device, to=target,
+                                     kv_budget=0.5, calib=str(calib), calib_samples=80, calib_seq_len=32,
+                                     refine_steps=60, device=device), progress=False)
+        reports[device] = json.loads((out / "factorconv_report.json").read_text())["layers"]
+    cuda_after = sum(layer["refined_attention_error"] for layer in reports["cuda"])
+    cpu_after = sum(layer["refined_attention_error"] for layer in reports["cpu"])
+    before = sum(layer["attention_error"] for layer in reports["cuda"])
+    assert cuda_after < before
+    assert cuda_after < 1.05 * cpu_after + 1e-3

@@ -124,3 +124,13 @@ def test_the_layer_that_costs_more_gets_more_width():
     (quiet_widths, quiet_width, _), (loud_widths, loud_width, _) = (layer[c] for layer, c in zip(levels, choice))
     assert loud_width > 6 > quiet_width and quiet_width + loud_width <= 12
     assert loud_widths["key_dim"] // 2 == loud_widths["value_dim"]  # the uniform key/value proportions are kept
+
+
+def test_probe_streams_stay_within_their_byte_bound():
+    """Small models probe every held-out sequence up to PROBE_TOKENS; at Llama-3.1-8B shapes the kept residual
+    streams (one per layer, float32) would be 8.6 GB for 16K tokens, so fewer sequences are carried."""
+    assert sensitivity.probe_rows(held_out=12, seq_len=512, layers=30, hidden_size=576) == 12
+    assert sensitivity.probe_rows(held_out=12, seq_len=2048, layers=16, hidden_size=2048) == 8
+    rows = sensitivity.probe_rows(held_out=12, seq_len=2048, layers=32, hidden_size=4096)
+    assert rows == 2 and rows * 32 * 2048 * 4096 * 4 <= sensitivity.PROBE_STREAM_BYTES
+    assert sensitivity.probe_rows(held_out=12, seq_len=8192, layers=80, hidden_size=8192) == 1

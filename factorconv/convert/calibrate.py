@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from ..data import check_token_ids, dataset_tokens, load_tokens
 from ..errors import FactorConvError, OptionError, option
-from .device import tensor_float32
+from ..precision import tensor_float32
 from .source import SourceCheckpoint
 
 

@@ -15,8 +15,8 @@ import torch
 
 from ..kinds.layer import attention_module, layer_output, output_error, row_chunks
 from ..modeling import FactorConvConfig
+from ..precision import fitting_precision
 from .calibrate import LayerActivations
-from .device import tensor_float32
 
 
 @dataclass
@@ -106,7 +106,7 @@ def refine_layer(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _step_factor(steps, warmup, final))
         generator = torch.Generator().manual_seed(seed)
         scale = acts.outputs[fit].pow(2).mean()
-        with tensor_float32(device):
+        with fitting_precision(device):
             for _ in range(steps):
                 rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
                 loss = (layer_output(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale

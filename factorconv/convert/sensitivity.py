@@ -17,15 +17,19 @@ from tqdm.auto import tqdm
 
 from ..factorize.allocate import Component
 from ..kinds.layer import LayerStatistics, SourceAttention, attention_module
+from ..precision import tensor_float32
 from .calibrate import LayerwiseRunner
 from .conversion import ConversionPlan
 from .layers import convert_attention
 from .source import SourceCheckpoint
 from .target import build_target_config
 
-# At most this many held-out tokens are probed: one residual stream per layer is kept for them (8B shapes: 32
-# streams × 16K tokens × 4,096 × 4 bytes = 8.6 GB), and KL on a few thousand paired tokens already ranks layers.
+# At most this many held-out tokens are probed, and at most as many as keep the residual streams (one per layer,
+# float32) within PROBE_STREAM_BYTES: KL on a few thousand paired tokens already ranks layers, while each stream is
+# carried through every later layer (L²/2 layer applications). Models up to Llama-3.2-1B shapes probe 16,384 tokens;
+# Llama-3.1-8B shapes (32 layers × 4,096 wide, windows of 2,048) two sequences, 4,096 tokens in 1 GiB × 2.
 PROBE_TOKENS = 16384
+PROBE_STREAM_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -47,7 +51,7 @@ def probe_layers(
     config, device = build_target_config(source, plan, uniform_plans), plan.device
     runner = LayerwiseRunner(source, tokens, device, keep_layer_input=True)
     read = source.reader()
-    rows = min(runner.held_out, max(1, PROBE_TOKENS // tokens.shape[1]))
+    rows = probe_rows(runner.held_out, tokens.shape[1], config.num_hidden_layers, config.hidden_size)
     probe = slice(tokens.shape[0] - rows, tokens.shape[0])
     streams: list[torch.Tensor] = []  # residual streams of the probe rows, one per converted layer so far
     gains: list[list[Component]] = []
@@ -66,6 +70,12 @@ def probe_layers(
     return [LayerSensitivity(layer, kl, c) for layer, (kl, c) in enumerate(zip(kls, gains))]
 
 
+def probe_rows(held_out: int, seq_len: int, layers: int, hidden_size: int) -> int:
+    """How many held-out sequences the probe carries (at least one)."""
+    stream_bytes = layers * seq_len * hidden_size * 4
+    return max(1, min(held_out, PROBE_TOKENS // seq_len, PROBE_STREAM_BYTES // stream_bytes))
+
+
 def _mean_kls(
     runner: LayerwiseRunner, clean: torch.Tensor, perturbed: list[torch.Tensor], progress: bool = False
 ) -> list[float]:
@@ -73,11 +83,12 @@ def _mean_kls(
     the clean sequence's log-probabilities computed once for all streams (the output head dominates on CPU)."""
     totals = [0.0] * len(perturbed)
     rows = tqdm(clean, desc="probe KL", unit="sequence", disable=not progress)
-    for row, reference in enumerate(rows):
-        p = runner.log_probs(reference)
-        probs = p.exp()
-        for index, stream in enumerate(perturbed):
-            totals[index] += float((probs * (p - runner.log_probs(stream[row]))).sum(-1).mean())
+    with tensor_float32(runner.device):
+        for row, reference in enumerate(rows):
+            p = runner.log_probs(reference)
+            probs = p.exp()
+            for index, stream in enumerate(perturbed):
+                totals[index] += float((probs * (p - runner.log_probs(stream[row]))).sum(-1).mean())
     return [total / clean.shape[0] for total in totals]
 
 

@@ -16,6 +16,7 @@ import torch
 from ..families import HF_ATTENTION
 from ..modeling import FactorConvConfig
 from ..modeling.modeling_factorconv import ATTENTION_CLASSES
+from ..precision import tensor_float32
 
 if TYPE_CHECKING:
     from ..convert.calibrate import LayerActivations
@@ -113,9 +114,10 @@ def row_chunks(rows: slice, chunk: int) -> list[slice]:
 
 
 def output_error(module: torch.nn.Module, acts: LayerActivations, rows: slice, chunk: int = 8) -> float:
-    """Relative error of the module's attention output against the source's on the sequences `rows`."""
+    """Relative error of the module's attention output against the source's on the sequences `rows` (TF32 on CUDA:
+    these errors rank candidates and decide whether refinement is kept; they do not enter any weight)."""
     num, den = 0.0, 0.0
-    with torch.no_grad():
+    with torch.no_grad(), tensor_float32(acts.inputs.device):
         for part in row_chunks(rows, chunk):
             out, target = layer_output(module, acts, part), acts.outputs[part]
             num += float((out - target).pow(2).sum())

@@ -1,0 +1,35 @@
+"""Where float32 work may run at lower matmul precision: the calibration-time measurements and fits, never the
+closed-form factorizations (which keep full-rank conversions exact)."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def tensor_float32(device: torch.device) -> Iterator[None]:
+    """TF32 float32 matmuls on CUDA for the calibration passes and refinement steps, whose float32 activations
+    only feed float64 statistics and fits that are kept when held-out error drops; at Llama-3.1-8B shapes those
+    steps are most of a calibrated conversion's time (benchmarks/results/convert_cost_8b.md). The closed-form
+    factorizations run outside it, so full-rank conversions stay exact. CPU and MPS are left as they are."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@contextmanager
+def fitting_precision(device: torch.device) -> Iterator[None]:
+    """TF32 plus bf16 autocast on CUDA for refinement's Adam steps: in float32, SDPA has no flash kernel and the
+    projections run at TF32 rate, and those steps were 12.6 s of the ~19 s per layer of an MFA-KR conversion at
+    Llama-3.1-8B shapes (benchmarks/results/convert_cost_8b.md). The weights, Adam state and the loss stay float32,
+    and the result is kept only if the held-out error, measured without autocast, drops. CPU and MPS run as they are."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with tensor_float32(device), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        yield
