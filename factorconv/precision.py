@@ -24,12 +24,11 @@ def tensor_float32(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-@contextmanager
-def fitting_precision(device: torch.device) -> Iterator[None]:
-    """TF32 plus bf16 autocast on CUDA for refinement's Adam steps: in float32, SDPA has no flash kernel and the
-    projections run at TF32 rate, and those steps were 12.6 s of the ~19 s per layer of an MFA-KR conversion at
-    Llama-3.1-8B shapes (benchmarks/results/convert_cost_8b.md). The weights, Adam state and the loss stay float32,
-    and the result is kept only if the held-out error, measured without autocast, drops. CPU and MPS run as they are."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    with tensor_float32(device), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        yield
+def fitting_autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA for the forward passes of refinement's Adam steps: in float32, SDPA has no flash kernel
+    and the projections run at TF32 rate, and those steps were 12.6 s of the ~19 s per layer of an MFA-KR conversion
+    at Llama-3.1-8B shapes (benchmarks/results/convert_cost_8b.md). The weights, Adam state and loss stay float32,
+    and the result is kept only if the held-out error, measured without autocast, drops. Enter it once per forward
+    pass: autocast keeps its bf16 copies of the weights until it exits, so one context around several optimizer
+    steps would go on computing with the first step's weights. CPU and MPS run as they are."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())

@@ -385,9 +385,9 @@ def test_tensor_float32_scope_is_cuda_only_and_restores_the_precision():
     assert torch.get_float32_matmul_precision() == before
 
 
-def test_fitting_precision_autocasts_only_on_cuda():
-    from factorconv.precision import fitting_precision
+def test_fitting_autocast_is_off_on_cpu():
+    from factorconv.precision import fitting_autocast
 
-    with fitting_precision(torch.device("cpu")):
+    with fitting_autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -15,7 +15,7 @@ import torch
 
 from ..kinds.layer import attention_module, layer_output, output_error, row_chunks
 from ..modeling import FactorConvConfig
-from ..precision import fitting_precision
+from ..precision import fitting_autocast, tensor_float32
 from .calibrate import LayerActivations
 
 
@@ -106,10 +106,12 @@ def refine_layer(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _step_factor(steps, warmup, final))
         generator = torch.Generator().manual_seed(seed)
         scale = acts.outputs[fit].pow(2).mean()
-        with fitting_precision(device):
+        with tensor_float32(device):
             for _ in range(steps):
                 rows = torch.randint(0, fit.stop, (min(batch_size, fit.stop),), generator=generator).to(device)
-                loss = (layer_output(module, acts, rows) - acts.outputs[rows]).pow(2).mean() / scale
+                with fitting_autocast(device):
+                    out = layer_output(module, acts, rows)
+                loss = (out.float() - acts.outputs[rows]).pow(2).mean() / scale
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
