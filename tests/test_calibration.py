@@ -391,3 +391,25 @@ def test_fitting_autocast_is_off_on_cpu():
     with fitting_autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_refinement_under_autocast_fits_like_float32(source_dirs, tmp_path, monkeypatch):
+    """Refinement's forward passes may run under bf16 autocast (CUDA does, precision.fitting_autocast); here CPU
+    autocast stands in for it. The fit must reach what float32 reaches: one autocast context around all the steps
+    would keep the first step's bf16 weights, and the refined layers would then be worse than the closed form."""
+    from factorconv.convert import refine
+
+    calib = _tokens_file(tmp_path, seq=32, count=80)
+
+    def errors(name: str) -> tuple[float, float]:
+        out = convert(ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / name, to="mfa_kr",
+                                     kv_budget=0.5, calib=str(calib), calib_samples=80, calib_seq_len=32,
+                                     refine_steps=60), progress=False)
+        layers = json.loads((out / "factorconv_report.json").read_text())["layers"]
+        return sum(l["attention_error"] for l in layers), sum(l["refined_attention_error"] for l in layers)
+
+    before, float32 = errors("float32")
+    monkeypatch.setattr(refine, "fitting_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    _, bf16 = errors("bf16")
+    assert float32 < before
+    assert bf16 < before - 0.5 * (before - float32)
