@@ -133,7 +133,9 @@ class LayerwiseRunner:
         return layer.eval()
 
     def _run(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        outputs = []
+        """The layer over `hidden` in batches, written into one preallocated result (a list of batch outputs joined
+        by torch.cat would hold the result twice: 4.3 GB more at Llama-3.1-8B shapes with 128 x 2048 tokens)."""
+        result = torch.empty_like(hidden)
         with tensor_float32(self.device):
             for start in range(0, hidden.shape[0], self.batch_size):
                 chunk = hidden[start : start + self.batch_size]
@@ -143,8 +145,8 @@ class LayerwiseRunner:
                     position_ids=self.position_ids,
                     position_embeddings=tuple(p.expand(chunk.shape[0], -1, -1) for p in self.position_embeddings),
                 )
-                outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs)
+                result[start : start + chunk.shape[0]] = out[0] if isinstance(out, tuple) else out
+        return result
 
     @torch.no_grad()
     def apply_layer(self, hidden: torch.Tensor, attention: torch.nn.Module | None = None) -> torch.Tensor:
@@ -176,22 +178,21 @@ class LayerwiseRunner:
         for index in range(self.config.num_hidden_layers):
             layer = self._layer(index)
             self.skeleton.model.layers[index], self._current = layer, index
-            captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+            inputs, outputs = torch.empty_like(self.hidden), torch.empty_like(self.hidden)
+            filled = 0
 
             def capture(module, args, kwargs, output):
-                captured.append((kwargs.get("hidden_states", args[0] if args else None), output[0]))
+                nonlocal filled
+                x = kwargs.get("hidden_states", args[0] if args else None)
+                inputs[filled : filled + x.shape[0]], outputs[filled : filled + x.shape[0]] = x, output[0]
+                filled += x.shape[0]
 
             handle = layer.self_attn.register_forward_hook(capture, with_kwargs=True)
             self.layer_input = self.hidden if self.keep_layer_input else None
             self.hidden = self._run(layer, self.hidden)
             handle.remove()
-            yield LayerActivations(
-                index,
-                torch.cat([c[0] for c in captured]),
-                torch.cat([c[1] for c in captured]),
-                self.position_embeddings,
-                self.held_out,
-            )
+            yield LayerActivations(index, inputs, outputs, self.position_embeddings, self.held_out)
+            del inputs, outputs
             self.layer_input = None
             self.skeleton.model.layers[index] = layer.to("meta")  # free this layer's weights
 

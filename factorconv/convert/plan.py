@@ -89,10 +89,11 @@ def layer_components(
     if tokens is None or not plan.statistics:
         layers = [kind.components(geometry, target, SourceAttention(read, i, device)) for i in range(geometry.layers)]
         return layers, True
-    return [
-        kind.components(geometry, target, SourceAttention(read, acts.layer, device), acts.moment())
-        for acts in LayerwiseRunner(source, tokens, device)
-    ], True
+    layers = []
+    for acts in LayerwiseRunner(source, tokens, device):
+        layers.append(kind.components(geometry, target, SourceAttention(read, acts.layer, device), acts.moment()))
+        del acts  # one layer's activations alive at a time
+    return layers, True
 
 
 def plan_layers(

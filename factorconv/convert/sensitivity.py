@@ -64,6 +64,7 @@ def probe_layers(
         streams = [runner.apply_layer(stream) for stream in streams]
         streams.append(runner.apply_layer(runner.layer_input[probe], attention=module))
         gains.append(layer_components(SourceAttention(read, acts.layer, device), moment))
+        del acts, stats  # free this layer's activations before the runner collects the next layer's
         bar.update()
     bar.close()
     kls = _mean_kls(runner, runner.hidden[probe], streams, progress)
