@@ -9,8 +9,8 @@ import torch
 
 @contextmanager
 def tensor_float32(device: torch.device) -> Iterator[None]:
-    """TF32 float32 matmuls on CUDA for the calibration passes and refinement steps, whose float32 activations
-    only feed float64 statistics and fits that are kept when held-out error drops; at Llama-3.1-8B shapes those
+    """TF32 float32 matmuls on CUDA for the calibration passes, refinement steps, output errors and the probe's KL,
+    whose float32 results only feed float64 statistics, rankings and fits that are kept when held-out error drops; at Llama-3.1-8B shapes those
     steps are most of a calibrated conversion's time (benchmarks/results/convert_cost_8b.md). The closed-form
     factorizations run outside it, so full-rank conversions stay exact. CPU and MPS are left as they are."""
     if device.type != "cuda":

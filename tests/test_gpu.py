@@ -88,7 +88,7 @@ def test_cuda_prefill_through_cudnn_equals_transformers_sdpa(options, padded, co
 
 @pytest.mark.parametrize("target", ["tpa", "mfa", "mfa_kr"])
 def test_cuda_refinement_in_bf16_autocast_fits_as_well_as_float32_on_cpu(target, source_dirs, tmp_path):
-    """Refinement's Adam steps run under bf16 autocast on CUDA (precision.fitting_precision); the errors it reaches
+    """Refinement's Adam steps run under bf16 autocast on CUDA (precision.fitting_autocast); the errors it reaches
     are those of the float32 CPU steps, up to the noise of a different device's arithmetic."""
     import json
 
