@@ -58,7 +58,7 @@ def main() -> None:
             del model
     options = " ".join(command[6:]).replace(str(calib), calib.name)
     print(f"\n### {args.model}: `factorconv convert SOURCE OUT {options}` (library defaults otherwise; refinement "
-          f"{report['refine_steps']} steps/layer); {machine()}, "
+          f"{report['refine_steps']} steps x {report.get('refine_batch', 4)} sequences/layer); {machine()}, "
           f"{torch.get_num_threads()} threads\n")
     print("| stage | seconds |")
     print("|---|---:|")

@@ -115,8 +115,11 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @click.option(
     "--refine-steps", type=int,
     help="Adam steps per layer fitting attention outputs (default with --calib: 200, up to 400 at --kv-budget 0.25 "
-    "and below; 0: only a least-squares refit of the output projection).",
+    "and below, fewer on a CPU for large models; 0: only a least-squares refit of the output projection).",
 )
+@click.option("--refine-batch", type=int,
+              help="Calibration sequences per refinement step (default 4; on a CPU, where the default steps x "
+              "sequences x tokens x layers x hidden size would exceed 1.5e9, 2, with the steps scaled to it).")
 @click.option("--refine-lr", type=float,
               help=f"Adam's peak step as a fraction of each tensor's RMS (default: {REFINE_DEFAULTS_TEXT}).")
 @click.option("--refine-schedule", type=click.Choice(["warmup-cosine", "constant"]),

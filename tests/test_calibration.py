@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from factorconv.cli import main
 from factorconv.convert import convert, pipeline, refine
 from factorconv.convert.calibrate import LayerActivations, LayerwiseRunner, MomentAccumulator, calibration_tokens
+from factorconv.convert.conversion import resolve_plan
 from factorconv.convert.options import ConvertOptions
 from factorconv.convert.source import SourceCheckpoint
 from factorconv.errors import FactorConvError
@@ -173,12 +174,19 @@ def _tokens_file(tmp_path, seq=16, count=24):
 
 
 @pytest.mark.parametrize("target", ["tpa", "mfa", "mfa_kr"])
-def test_calibrated_conversion_meets_budget_and_refines(target, source_dirs, tmp_path, load_model):
+def test_calibrated_conversion_meets_budget_and_refines(target, source_dirs, tmp_path, load_model, monkeypatch):
     calib = _tokens_file(tmp_path, seq=32, count=80)
+    batches = []
+
+    def spy(*args, batch_size, **kwargs):
+        batches.append(batch_size)
+        return refine.refine_layer(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(pipeline, "refine_layer", spy)
     budget = 0.5
     options = ConvertOptions(
         source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to=target, kv_budget=budget,
-        calib=str(calib), calib_samples=80, calib_seq_len=32, refine_steps=60,
+        calib=str(calib), calib_samples=80, calib_seq_len=32, refine_steps=60, refine_batch=3,
     )
     out = convert(options, progress=False)
     model = load_model(out)
@@ -192,7 +200,8 @@ def test_calibrated_conversion_meets_budget_and_refines(target, source_dirs, tmp
     # The stage times say where the time went: 60 Adam steps per layer take measurable time.
     stages = report["seconds"]
     assert stages["refinement"] > 0 and stages["calibration data and allocation"] > 0
-    assert report["refine_steps"] == 60
+    assert (report["refine_steps"], report["refine_batch"]) == (60, 3)  # what ran, as given
+    assert batches == [3] * model.config.num_hidden_layers
     assert stages["total"] >= max(stages["refinement"], stages["calibration data and allocation"])
 
 
@@ -343,6 +352,32 @@ def test_refinement_steps_follow_the_schedule(schedule, source_dirs, tmp_path, m
 def test_default_refinement_steps_grow_below_half_the_kv_bytes(budget, calib, given, expected):
     options = ConvertOptions(source="x", output="y", to="mfa", kv_budget=budget, calib=calib, refine_steps=given)
     assert options.layer_refine_steps == expected
+
+
+@pytest.mark.parametrize("device, layers, hidden, given, expected", [
+    ("cpu", 30, 576, {}, (85, 2)),  # SmolLM2-135M: 7.1e9 of work capped at 1.5e9, in steps of 2 sequences
+    ("cpu", 5, 64, {}, (200, 4)),  # stories260K: 0.13e9, under the cap
+    ("cuda", 30, 576, {}, (200, 4)),  # accelerators are never capped
+    ("cpu", 30, 576, {"refine_steps": 200}, (200, 4)),  # nor what the user chose
+    ("cpu", 30, 576, {"refine_batch": 4}, (200, 4)),
+])
+def test_cpu_refinement_caps_only_large_default_work(device, layers, hidden, given, expected, monkeypatch):
+    monkeypatch.setattr("factorconv.convert.conversion.resolve_device", torch.device)
+    options = ConvertOptions(source="x", output="y", to="mfa_kr", kv_budget=0.5, calib="c.txt", device=device, **given)
+    spec = refine.cpu_refinement(resolve_plan(options).refine, torch.zeros(64, 512), layers, hidden)
+    assert (spec.steps, spec.batch_size) == expected
+
+
+def test_capped_cpu_refinement_runs_says_so_and_is_recorded(source_dirs, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(refine, "CPU_REFINE_WORK", 1.0)  # every default refinement is over the cap
+    options = ConvertOptions(source=str(source_dirs["llama_gqa"]), output=tmp_path / "out", to="mfa_kr",
+                             kv_budget=0.5, calib=str(_tokens_file(tmp_path, seq=32, count=20)), calib_samples=20,
+                             calib_seq_len=32)
+    with caplog.at_level("WARNING", logger="factorconv"):
+        out = convert(options, progress=False)
+    report = json.loads((out / "factorconv_report.json").read_text())
+    assert (report["refine_steps"], report["refine_batch"]) == (1, 2)
+    assert "refinement on the CPU: 1 steps x 2 sequences per layer" in caplog.text and "--refine-steps" in caplog.text
 
 
 @pytest.mark.parametrize("target, expected, schedule", [

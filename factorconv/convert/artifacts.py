@@ -58,7 +58,8 @@ def write_artifacts(
             "source": source_kv_bytes_per_token(config, size),
             "converted": analytic_kv_bytes_per_token(config, size),
         },
-        "refine_steps": plan.refine.steps,  # resolved: the default depends on calibration and budget
+        "refine_steps": plan.refine.steps,  # resolved: the defaults depend on calibration, budget and device
+        "refine_batch": plan.refine.batch_size,
         "seconds": {stage: round(value, 3) for stage, value in seconds.items()},  # ms: tiny models convert in ms
         "layers": [asdict(r) for r in reports],
     }

@@ -27,11 +27,14 @@ class CalibrationSpec:
 
 @dataclass(frozen=True)
 class RefineSpec:
-    """Local refinement per layer (convert/refine.py); resolved: steps and lr defaults depend on budget and kind."""
+    """Local refinement per layer (convert/refine.py); resolved: the defaults depend on budget and kind, and on a
+    CPU on the model's size (`refine.cpu_refinement`, once the calibration tokens are known)."""
 
     steps: int
+    batch_size: int  # calibration sequences per step
     lr: float
     schedule: str
+    cpu_default: bool = False  # steps and batch are the defaults and the device is a CPU: they may be capped
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ def resolve_plan(options: ConvertOptions) -> ConversionPlan:
     calibration = None
     if options.calib is not None:
         calibration = CalibrationSpec(options.calib, options.calib_samples, options.calib_seq_len)
+    device = resolve_device(options.device)
     return ConversionPlan(
         source=options.source,
         revision=options.revision,
@@ -69,9 +73,12 @@ def resolve_plan(options: ConvertOptions) -> ConversionPlan:
         allocation=options.allocation,
         statistics=options.uses_statistics,
         fit_contextual=options.init == "als",
-        device=resolve_device(options.device),
+        device=device,
         calibration=calibration,
-        refine=RefineSpec(options.layer_refine_steps, options.refine_lr, options.refine_schedule),
+        refine=RefineSpec(
+            options.layer_refine_steps, options.refine_batch or 4, options.refine_lr, options.refine_schedule,
+            cpu_default=device.type == "cpu" and options.refine_steps is None and options.refine_batch is None,
+        ),
         output=OutputSpec(
             Path(options.output).expanduser(), options.dtype, parse_size(options.max_shard_size), options.overwrite,
             options.to_yaml(),

@@ -81,8 +81,13 @@ class ConvertOptions(BaseModel):
     )
     refine_steps: int | None = Field(
         default=None, ge=0, description="Adam steps per layer fitting attention outputs (default with calib: 200, "
-        "400 at kv_budget 0.25 or below, in between 100 / kv_budget; 0: least-squares refit of the output projection "
-        "only)"
+        "400 at kv_budget 0.25 or below, in between 100 / kv_budget; on a CPU capped for large models, see "
+        "refine_batch; 0: least-squares refit of the output projection only)"
+    )
+    refine_batch: int | None = Field(
+        default=None, ge=1, description="calibration sequences per refinement step (default 4; on a CPU, where the "
+        "default steps x sequences x tokens x layers x hidden size would exceed 1.5e9 (refine.CPU_REFINE_WORK), 2, "
+        "with the steps scaled down to that work)"
     )
     refine_lr: float | None = Field(
         default=None, gt=0, le=1,

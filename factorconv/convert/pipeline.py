@@ -2,6 +2,7 @@
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -16,7 +17,7 @@ from .conversion import resolve_plan
 from .layers import ATTENTION_TENSOR, convert_attention
 from .options import ConvertOptions
 from .plan import plan_target
-from .refine import refine_layer
+from .refine import cpu_refinement, refine_layer
 from .source import UNUSED_TENSOR_SUFFIXES, SourceCheckpoint
 from .target import output_dtype
 from .writer import ShardedWriter
@@ -42,6 +43,15 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
     if plan.calibration is not None:
         calib = plan.calibration
         tokens = calibration_tokens(calib.data, source.folder, calib.samples, calib.seq_len, source.config)
+        refine = cpu_refinement(plan.refine, tokens, source.config.num_hidden_layers, source.config.hidden_size)
+        if refine != plan.refine:
+            logger.warning(
+                "refinement on the CPU: %d steps x %d sequences per layer, %.1fx less work than the default %d x %d "
+                "(--refine-steps/--refine-batch choose)", refine.steps, refine.batch_size,
+                plan.refine.steps * plan.refine.batch_size / (refine.steps * refine.batch_size), plan.refine.steps,
+                plan.refine.batch_size,
+            )
+            plan = replace(plan, refine=refine)
     # Uniform widths do not depend on spectra: no weights read, no calibration pass.
     target = plan_target(plan, source, tokens, progress=progress)
     config, layers = target.config, target.layers
@@ -71,7 +81,7 @@ def convert(options: ConvertOptions, progress: bool = True) -> Path:
                     refine_start = time.perf_counter()
                     refined = refine_layer(
                         config, layer, result.tensors, acts, plan.refine.steps, plan.refine.lr,
-                        schedule=plan.refine.schedule,
+                        batch_size=plan.refine.batch_size, schedule=plan.refine.schedule,
                     )
                     result.tensors = refined.tensors
                     result.report.attention_error = refined.error_before

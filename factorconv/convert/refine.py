@@ -9,7 +9,7 @@ Adam started from the refitted o_proj ended worse in the runs tried. Either is k
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +17,17 @@ from ..kinds.layer import attention_module, layer_output, output_error, row_chun
 from ..modeling import FactorConvConfig
 from ..precision import fitting_autocast, tensor_float32
 from .calibrate import LayerActivations
+from .conversion import RefineSpec
+
+# On a CPU every refinement step is compute-bound: SmolLM2-135M (30 layers, hidden 576, 64 x 512 calibration tokens)
+# spent 1,324 s of a 1,839 s conversion in 200 steps x 4 sequences per layer on 2 cores. Default refinement there
+# does at most this much work, counted as steps x sequences x tokens per sequence x layers x hidden size (7.1e9 for
+# that SmolLM2 run, now 85 steps x 2; pycode-27M 1.7e9 at 50% and twice that below, stories260K 0.13e9 at 50%).
+CPU_REFINE_WORK = 1.5e9
+# A capped default takes this many sequences per step, in more steps: at a fifth of the work, held-out attention
+# errors of SmolLM2 layers 0/10/20 at 50% were 0.024/0.323/0.280 with 80 steps x 2, 0.029/0.338/no gain with 40 x 4
+# and 0.026/0.323/no gain with 160 x 1 (200 x 4: 0.018/0.290/0.214).
+CPU_REFINE_BATCH = 2
 
 
 @dataclass
@@ -24,6 +35,16 @@ class RefineResult:
     tensors: dict[str, torch.Tensor]
     error_before: float  # relative attention-output error on held-out calibration tokens, closed-form init
     error_after: float  # the same after refinement (equal to before when it did not help)
+
+
+def cpu_refinement(spec: RefineSpec, tokens: torch.Tensor, layers: int, hidden_size: int) -> RefineSpec:
+    """The refinement a CPU conversion runs by default: `spec`, or where its work exceeds CPU_REFINE_WORK, steps of
+    CPU_REFINE_BATCH sequences scaled to that work (what keeps a 135M model's CPU conversion within minutes)."""
+    work = spec.steps * spec.batch_size * tokens.shape[1] * layers * hidden_size
+    if not spec.cpu_default or work <= CPU_REFINE_WORK:
+        return spec
+    steps = max(1, round(spec.steps * spec.batch_size / CPU_REFINE_BATCH * CPU_REFINE_WORK / work))
+    return replace(spec, steps=steps, batch_size=CPU_REFINE_BATCH)
 
 
 def _output_refit(
