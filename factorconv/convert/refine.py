@@ -22,11 +22,13 @@ from .conversion import RefineSpec
 # On a CPU every refinement step is compute-bound: SmolLM2-135M (30 layers, hidden 576, 64 x 512 calibration tokens)
 # spent 1,324 s of a 1,839 s conversion in 200 steps x 4 sequences per layer on 2 cores. Default refinement there
 # does at most this much work, counted as steps x sequences x tokens per sequence x layers x hidden size (7.1e9 for
-# that SmolLM2 run, now 85 steps x 2; pycode-27M 1.7e9 at 50% and twice that below, stories260K 0.13e9 at 50%).
+# that SmolLM2 run, now 85 steps x 2: 581 s and 1.292x against 1.200x, benchmarks/results/convert_real_smollm2_cpu*.md;
+# pycode-27M 1.7e9 at 50% and twice that below, stories260K 0.13e9 at 50%).
 CPU_REFINE_WORK = 1.5e9
-# A capped default takes this many sequences per step, in more steps: at a fifth of the work, held-out attention
-# errors of SmolLM2 layers 0/10/20 at 50% were 0.024/0.323/0.280 with 80 steps x 2, 0.029/0.338/no gain with 40 x 4
-# and 0.026/0.323/no gain with 160 x 1 (200 x 4: 0.018/0.290/0.214).
+# A capped default takes this many sequences per step, in more steps. At a fifth of the work, SmolLM2 at 50%:
+# 80 steps x 2 gave 1.299x, 40 x 4 1.328x (benchmarks/results/convert_real_smollm2_cpu_steps.md); an exploratory
+# per-layer proxy (held-out attention error of layers 0/10/20, not a benchmarks/ script) agreed: 80 x 2
+# 0.024/0.323/0.280, 40 x 4 0.029/0.338/no gain, 160 x 1 0.026/0.323/no gain (200 x 4: 0.018/0.290/0.214).
 CPU_REFINE_BATCH = 2
 
 
