@@ -25,6 +25,9 @@ class CalibrationSpec:
     seq_len: int | None  # None: the model's context, at most 512
 
 
+REFINE_BATCH = 4  # calibration sequences per refinement step unless given (or capped on a CPU: refine.py)
+
+
 @dataclass(frozen=True)
 class RefineSpec:
     """Local refinement per layer (convert/refine.py); resolved: the defaults depend on budget and kind, and on a
@@ -76,7 +79,7 @@ def resolve_plan(options: ConvertOptions) -> ConversionPlan:
         device=device,
         calibration=calibration,
         refine=RefineSpec(
-            options.layer_refine_steps, options.refine_batch or 4, options.refine_lr, options.refine_schedule,
+            options.layer_refine_steps, options.refine_batch or REFINE_BATCH, options.refine_lr, options.refine_schedule,
             cpu_default=device.type == "cpu" and options.refine_steps is None and options.refine_batch is None,
         ),
         output=OutputSpec(

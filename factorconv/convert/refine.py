@@ -17,7 +17,7 @@ from ..kinds.layer import attention_module, layer_output, output_error, row_chun
 from ..modeling import FactorConvConfig
 from ..precision import fitting_autocast, tensor_float32
 from .calibrate import LayerActivations
-from .conversion import RefineSpec
+from .conversion import REFINE_BATCH, RefineSpec
 
 # On a CPU every refinement step is compute-bound: SmolLM2-135M (30 layers, hidden 576, 64 x 512 calibration tokens)
 # spent 1,324 s of a 1,839 s conversion in 200 steps x 4 sequences per layer on 2 cores. Default refinement there
@@ -110,7 +110,7 @@ def refine_layer(
     acts: LayerActivations,
     steps: int,
     lr: float = 0.02,
-    batch_size: int = 4,
+    batch_size: int = REFINE_BATCH,
     seed: int = 0,
     schedule: str = "warmup-cosine",
 ) -> RefineResult:
