@@ -2,10 +2,10 @@
 
     python benchmarks/heal_curves.py --model pycode-27M --device cuda \
         [--targets mfa_kr:0.25,mfa:0.25,tpa:0.5] [--tokens 1M,5M,20M] [--methods "attention lr 1e-3" ...] \
-        [--json OUT.jsonl] [--png OUT.png]
+        [--convert refine_steps=800 --convert calib_samples=256] [--json OUT.jsonl] [--png OUT.png]
     python benchmarks/heal_curves.py --model stories260K --tokens 1M        # CPU
 
-Every conversion is the default calibrated one. Each (target, method, token count) is its own run: a fresh copy of
+Every conversion is the default calibrated one unless --convert KEY=VALUE changes a `convert` option. Each (target, method, token count) is its own run: a fresh copy of
 the conversion healed for exactly that many tokens with the library's schedule (warmup 5%, cosine to 10%), so a
 row is what a user gets who asks for that many tokens, not a point on a longer run's curve. Healing is KL to the
 source, batch 16 × the model's eval window. Data: stories260K on TinyStories text; pycode-27M on the Python source of
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from common import REAL, convert_and_load, machine, measure, python_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--corpus-mb", type=float, default=40.0, help="pycode-27M healing corpus size")
     parser.add_argument("--train", type=Path, help="heal on this file instead (e.g. `factorconv sample` output)")
+    parser.add_argument("--convert", action="append", default=[], metavar="KEY=VALUE",
+                        help="a `convert` option for every conversion (repeatable), e.g. refine_steps=800")
     parser.add_argument("--json", type=Path, help="append one JSON line per run here")
     parser.add_argument("--png", type=Path, help="plot ratio against tokens (needs matplotlib)")
     args = parser.parse_args()
@@ -86,6 +89,7 @@ def main() -> None:
     if not (spec["folder"] / "config.json").is_file():
         raise SystemExit(f"{spec['folder']} not found: this benchmark needs ../shared/real beside the checkout")
     targets = [(kind, float(budget)) for kind, budget in (t.split(":") for t in args.targets.split(","))]
+    convert_options = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.convert)}
     token_counts = [count(t) for t in args.tokens.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
     tokens = load_tokens(spec["eval"], tokenizer)
@@ -99,7 +103,7 @@ def main() -> None:
         for kind, budget in targets:
             converted = root / f"{kind}-{budget:g}"
             model, convert_s = convert_and_load(spec["folder"], converted, calib=str(spec["calib"]),
-                                                device=args.device, to=kind, kv_budget=budget)
+                                                device=args.device, to=kind, kv_budget=budget, **convert_options)
             zero = measure(kind, model, tokens, spec["seq_len"], base, convert_s)["ratio"]
             del model
             for method in args.methods:
@@ -117,14 +121,16 @@ def main() -> None:
                     shutil.rmtree(healed)
                     row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n, data=train.name,
                                batch_size=METHODS[method].get("batch_size", args.batch_size),
-                               zero_shot=zero, ratio=ratio, heal_s=seconds, convert_s=convert_s)
+                               convert=convert_options, zero_shot=zero, ratio=ratio, heal_s=seconds, convert_s=convert_s)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if args.json:
                         with args.json.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
+    conversions = "calibrated conversions with " + ", ".join(args.convert) if args.convert else \
+        "default calibrated conversions"
     print(f"\n### {args.model}: eval {spec['eval'].name} ({tokens.numel():,} tokens, windows of {spec['seq_len']}), "
-          f"source perplexity {base:.3f}; default calibrated conversions; healing KL to the source on {train.name}, batch "
+          f"source perplexity {base:.3f}; {conversions}; healing KL to the source on {train.name}, batch "
           f"{args.batch_size} x {spec['seq_len']} unless the method names one, fp32 weights; {machine()}\n")
     heads = " | ".join(f"{n / 1e6:g}M tokens" for n in token_counts)
     print(f"| target, KV bytes | method | zero-shot | {heads} | heal s (largest) |")
