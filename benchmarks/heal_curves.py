@@ -5,9 +5,10 @@
         [--convert refine_steps=800 --convert calib_samples=256] [--json OUT.jsonl] [--png OUT.png]
     python benchmarks/heal_curves.py --model stories260K --tokens 1M        # CPU
 
-Every conversion is the default calibrated one unless --convert KEY=VALUE changes a `convert` option. Each (target, method, token count) is its own run: a fresh copy of
-the conversion healed for exactly that many tokens with the library's schedule (warmup 5%, cosine to 10%), so a
-row is what a user gets who asks for that many tokens, not a point on a longer run's curve. Healing is KL to the
+Every conversion is the default calibrated one unless --convert KEY=VALUE changes a `convert` option. Each (target,
+method, token count) is its own run: a fresh copy of the conversion healed for exactly that many tokens with the
+library's schedule (warmup 5%, cosine to 10%), so a row is what a user gets who asks for that many tokens, not a
+point on a longer run's curve. Healing is KL to the
 source, batch 16 × the model's eval window. Data: stories260K on TinyStories text; pycode-27M on the Python source of
 the installed packages with `transformers` excluded (its eval domain): every `*.py` under the interpreter's
 site-packages, in sorted path order, concatenated up to --corpus-mb (common.python_corpus). Eval: the held-out
@@ -109,19 +110,20 @@ def main() -> None:
             for method in args.methods:
                 for n in token_counts:
                     healed = root / "healed"
+                    settings = {"batch_size": args.batch_size} | METHODS[method]
                     start = time.perf_counter()
                     finetune(FinetuneOptions(
                         model=str(converted), output=healed, data=[str(train)], eval_data=str(spec["heal_eval"]),
-                        tokens=n, seq_len=spec["seq_len"], device=args.device, overwrite=True,
-                        **(dict(batch_size=args.batch_size) | METHODS[method])), progress=False)
+                        tokens=n, seq_len=spec["seq_len"], device=args.device, overwrite=True, **settings),
+                        progress=False)
                     seconds = time.perf_counter() - start
                     model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval().to(args.device)
                     ratio = measure(kind, model, tokens, spec["seq_len"], base, seconds)["ratio"]
                     del model
                     shutil.rmtree(healed)
                     row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n, data=train.name,
-                               batch_size=METHODS[method].get("batch_size", args.batch_size),
-                               convert=convert_options, zero_shot=zero, ratio=ratio, heal_s=seconds, convert_s=convert_s)
+                               batch_size=settings["batch_size"], convert=convert_options, zero_shot=zero,
+                               ratio=ratio, heal_s=seconds, convert_s=convert_s)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if args.json:

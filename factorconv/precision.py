@@ -10,9 +10,10 @@ import torch
 @contextmanager
 def tensor_float32(device: torch.device) -> Iterator[None]:
     """TF32 float32 matmuls on CUDA for the calibration passes, refinement steps, output errors and the probe's KL,
-    whose float32 results only feed float64 statistics, rankings and fits that are kept when held-out error drops; at Llama-3.1-8B shapes those
-    steps are most of a calibrated conversion's time (benchmarks/results/convert_cost_8b.md). The closed-form
-    factorizations run outside it, so full-rank conversions stay exact. CPU and MPS are left as they are."""
+    whose float32 results only feed float64 statistics, rankings and fits that are kept when held-out error drops;
+    at Llama-3.1-8B shapes those steps are most of a calibrated conversion's time
+    (benchmarks/results/convert_cost_8b.md). The closed-form factorizations run outside it, so full-rank conversions
+    stay exact. CPU and MPS are left as they are."""
     if device.type != "cuda":
         yield
         return
@@ -31,4 +32,5 @@ def fitting_autocast(device: torch.device) -> torch.autocast:
     and the result is kept only if the held-out error, measured without autocast, drops. Enter it once per forward
     pass: autocast keeps its bf16 copies of the weights until it exits, so one context around several optimizer
     steps would go on computing with the first step's weights. CPU and MPS run as they are."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)

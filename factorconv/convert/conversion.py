@@ -79,7 +79,8 @@ def resolve_plan(options: ConvertOptions) -> ConversionPlan:
         device=device,
         calibration=calibration,
         refine=RefineSpec(
-            options.layer_refine_steps, options.refine_batch or REFINE_BATCH, options.refine_lr, options.refine_schedule,
+            options.layer_refine_steps, options.refine_batch or REFINE_BATCH, options.refine_lr,
+            options.refine_schedule,
             cpu_default=device.type == "cpu" and options.refine_steps is None and options.refine_batch is None,
         ),
         output=OutputSpec(
