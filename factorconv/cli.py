@@ -248,6 +248,9 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Sequences at once.")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--chat", is_flag=True,
+              help="Sample conversations through MODEL's chat template (a user turn, then its answer) instead of "
+                   "text from BOS; --length caps each.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, auto.")
 @click.option("--revision", help="Hub revision of MODEL.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")

@@ -1,11 +1,13 @@
 """`factorconv sample`: healing data sampled from the source, a stream `finetune --data` reads."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import VOCAB
+from transformers import AutoTokenizer
 
 from factorconv.cli import main
 from factorconv.finetune.output import SUMMARY_FILE
@@ -39,6 +41,43 @@ def test_samples_are_full_sequences_from_bos_and_reproducible(source, source_mod
     assert (again == ids).all()
     assert not (other == ids).all()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# user turns open with "<s> w1", the assistant's with "<s> w2"; every turn ends with "</s>" (EOS, id 2)
+TEMPLATE = ("{% for m in messages %}<s> w1 {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}<s> w2 {% endif %}")
+
+
+def test_chat_samples_are_conversations_through_the_template(source, tmp_path):
+    folder = tmp_path / "chat-model"
+    shutil.copytree(source, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    result = run("sample", folder, tmp_path / "c.npy", "--tokens", 200, "--length", LENGTH, "--batch-size", 4,
+                 "--chat", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    ids = np.load(tmp_path / "c.npy").tolist()
+    assert len(ids) >= 200
+    starts = [i for i in range(len(ids) - 1) if ids[i:i + 2] == [1, 4]]
+    headers = [i for i in range(len(ids) - 2) if ids[i:i + 3] == [2, 1, 5]]
+    assert starts[0] == 0 and len(starts) == len(headers) and len(starts) % 4 == 0  # whole batches of 4
+    for i, (start, header) in enumerate(zip(starts, headers)):
+        end = starts[i + 1] if i + 1 < len(starts) else len(ids)
+        assert start < header < end
+        assert 2 not in ids[start + 2:header]  # the user turn was cut at its EOS ...
+        assert header - start - 2 <= LENGTH // 4  # ... or at a quarter of --length
+        answer = ids[header + 3:end]
+        assert 0 < len(answer) <= LENGTH and 2 not in answer[:-1]  # the answer ends at its first EOS or the cap
+
+
+def test_chat_samples_need_a_chat_template(source, source_dirs, tmp_path):
+    for folder, message in ((source, "chat template"), (source_dirs["llama_mha"], "needs the model's tokenizer")):
+        result = run("sample", folder, tmp_path / "c.npy", "--tokens", 64, "--length", LENGTH, "--chat",
+                     "--device", "cpu")
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+        assert not (tmp_path / "c.npy").exists()
 
 
 def test_healing_on_samples_from_the_cli_lowers_perplexity_on_other_samples(source, converted, tmp_path):
