@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .convert.options import ConvertOptions, DeviceName, DType, KindName
 from .errors import FactorConvError, OptionError, option_error_of
@@ -37,6 +37,7 @@ RECIPE_KEYS = {
 # The recipe may still name its own `teacher` (default: the source) in the finetune section.
 FINETUNE_FROM_RUN = ("model", "output", "revision", "overwrite", "resume")
 CONVERTED_SUFFIX = "-converted"
+SAMPLES_SUFFIX = "-samples.npy"
 
 
 class RecipeError(FactorConvError):
@@ -99,6 +100,26 @@ class PushSection(_Section):
         return value
 
 
+class SamplesSection(_Section):
+    """Healing data drawn from the source before fine-tuning (`factorconv sample`), read before finetune.data."""
+
+    tokens: int = Field(ge=2, description="how many tokens to sample, e.g. 2M")
+    chat: bool = Field(default=False, description="conversations through the source's chat template")
+    length: int = Field(default=256, ge=2, description="tokens per sequence (with chat: per conversation, at most)")
+    batch_size: int = Field(default=64, ge=1, description="sequences sampled at once")
+    temperature: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _count_with_suffix(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        from .finetune.options import token_count
+
+        return token_count(value)
+
+
 class ExportSection(_Section):
     format: Literal["deepseek-v3", "llama"] = Field(description="deepseek-v3 (needs target.mla) or llama (target.mqa)")
     dir: Path = Field(description="folder for the stock-architecture copy of the final model")
@@ -113,11 +134,18 @@ class Recipe(_Section):
     target: TargetSection
     calibration: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
+    samples: SamplesSection | None = None
     eval: EvalSection | None = None
     output: OutputSection
     export: ExportSection | None = None
     push: PushSection | None = None
     device: DeviceName = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto (convert and eval)")
+
+    @model_validator(mode="after")
+    def _samples_feed_finetune(self) -> "Recipe":
+        if self.samples is not None and self.finetune is None:
+            raise ValueError("samples: healing data needs a finetune section; add one or remove samples")
+        return self
 
     def to_yaml(self) -> str:
         """The recipe as written (after overrides), normalised: reloading it gives the same recipe."""
@@ -133,6 +161,11 @@ class Recipe(_Section):
         """Where the conversion is written: `output.dir`, or `<output.dir>-converted` before fine-tuning."""
         out = self.output.dir
         return out if self.finetune is None else out.with_name(out.name + CONVERTED_SUFFIX)
+
+    @property
+    def samples_path(self) -> Path:
+        """Where the `samples` stage writes its tokens: `<output.dir>-samples.npy`, beside the converted folder."""
+        return self.output.dir.with_name(self.output.dir.name + SAMPLES_SUFFIX)
 
     def convert_options(self, **run_fields: Any) -> ConvertOptions:
         """The ConvertOptions this recipe means (`run_fields`, e.g. overwrite, are set by the caller)."""
@@ -161,6 +194,9 @@ class Recipe(_Section):
             "teacher_revision": self.source.revision,
         }
         given = dict(self.finetune or {})
+        if self.samples is not None:  # the sampled tokens first, then any finetune.data (one item or a list)
+            data = given.get("data")
+            given["data"] = [str(self.samples_path), *([] if data is None else [data] if isinstance(data, str) else data)]
         fields = model.model_fields
         values = {k: v for k, v in defaults.items() if k in fields and k not in given}
         values.update(given)

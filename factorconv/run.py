@@ -1,6 +1,6 @@
 """`factorconv run` and `factorconv validate`: the whole pipeline from one recipe.
 
-Stages: convert → finetune → eval → push, each skipped when its section is absent. A stage whose output is
+Stages: convert → sample → finetune → eval → push, each skipped when its section is absent. A stage whose output is
 complete is reused on a re-run: the folder passes `hub.folder_problems` (config, modeling files, every shard
 its index lists) and its `factorconv_run.json` records the same options as the current recipe's stage.
 Every finished folder holds the exact recipe (after `--set` overrides) in `factorconv_recipe.yaml`, and its
@@ -79,6 +79,9 @@ def validate_recipe(path: Path, overrides: Sequence[str] = ()) -> str:
 
 def _stages(recipe: Recipe) -> list[str]:
     stages = [f"convert to {recipe.converted_dir}"]
+    if recipe.samples is not None:
+        what = "conversations" if recipe.samples.chat else "sequences"
+        stages.append(f"sample {recipe.samples.tokens:,} tokens of {what} to {recipe.samples_path}")
     if recipe.finetune is not None:
         options = recipe.finetune_options()
         budget = f"{options.tokens:,} tokens" if options.tokens else f"{options.steps} steps" if options.steps else "1 pass"
@@ -102,6 +105,8 @@ def _missing_inputs(recipe: Recipe) -> list[str]:
         missing.append(f"calibration.data {calib} not found")
     if recipe.finetune is not None:
         for i, item in enumerate(recipe.finetune_options().data):
+            if item == str(recipe.samples_path) and recipe.samples is not None:
+                continue  # written by the samples stage
             if _looks_like_file(item) and not Path(item).expanduser().exists():
                 missing.append(f"finetune.data[{i}] {item} not found")
     return missing
@@ -130,6 +135,9 @@ def run_recipe(
     convert_record = _record(options, CONVERT_VOLATILE)
     finetune_options = recipe.finetune_options() if recipe.finetune is not None else None
     records = {"convert": convert_record}
+    if recipe.samples is not None:
+        records["samples"] = {"source": recipe.source.model, "revision": recipe.source.revision,
+                              **recipe.samples.model_dump(mode="json")}
     if finetune_options is not None:
         records["finetune"] = _record(finetune_options, FINETUNE_VOLATILE)
     # Refuse up front (not after hours of conversion) to replace a folder that is not ours.
@@ -154,6 +162,9 @@ def run_recipe(
         except OptionError as err:
             raise RecipeError(f"{path}: {recipe_phrase(err)}") from None
     _finish(converted, {"convert": convert_record}, recipe_text, license_=license_)
+
+    if recipe.samples is not None:
+        _samples_stage(recipe, records["samples"], progress, echo)
 
     if finetune_options is not None:
         if _complete(final, records):
@@ -245,6 +256,27 @@ def _replaceable(folder: Path) -> None:
     ours = any((folder / name).exists() for name in (STAGE_FILE, RECIPE_FILE, *FINETUNE_WORK_FILES))
     if not ours and any(folder.iterdir()):
         raise FactorConvError(f"{folder} exists and is not a factorconv output; remove it or choose another output.dir")
+
+
+def _samples_stage(recipe: Recipe, record: dict, progress: bool, echo: Callable[[str], None]) -> None:
+    """Sample the healing tokens from the source, or reuse the file a run with the same options wrote."""
+    path, spec = recipe.samples_path, recipe.samples
+    stamp = path.with_name(path.name + ".json")  # what produced the file
+    try:
+        same = path.is_file() and json.loads(stamp.read_text()) == record
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        same = False
+    if same:
+        echo(f"sample    reusing {path} (same source, same options)")
+        return
+    from .finetune.samples import sample_tokens
+
+    echo(f"sample    {recipe.source.model} -> {path} ({spec.tokens:,} tokens{', chat' if spec.chat else ''})")
+    stamp.unlink(missing_ok=True)
+    sample_tokens(recipe.source.model, path, spec.tokens, length=spec.length, batch_size=spec.batch_size,
+                  temperature=spec.temperature, seed=spec.seed, chat=spec.chat, device=recipe.device,
+                  revision=recipe.source.revision, overwrite=True, progress=progress)
+    stamp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _finetune(options, final: Path, progress: bool, may_resume: bool) -> None:

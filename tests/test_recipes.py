@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -353,6 +354,31 @@ def test_run_with_finetune(workdir):
     assert result.exit_code == 0, result.output
     for stage in ("convert   reusing", "finetune  reusing", "eval      reusing"):
         assert stage in result.output, result.output
+
+
+def test_run_samples_healing_data_from_the_source(workdir):
+    """convert → sample → finetune with no corpus: the samples feed the fine-tune, and a re-run reuses them."""
+    finetune = {"steps": 2, "seq_len": 32, "batch_size": 2, "eval_tokens": 64}
+    samples = {"tokens": "1K", "length": 32, "batch_size": 8}
+    path = write_recipe(workdir, finetune=finetune, samples=samples, calibration=None, eval=None)
+    assert "sample 1,000 tokens of sequences to out/tiny-samples.npy" in cli("validate", path).output
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output
+    assert "sample    src -> out/tiny-samples.npy (1,000 tokens)" in result.output
+    ids = np.load(workdir / "out" / "tiny-samples.npy")
+    assert ids.shape == (1024,) and (ids.reshape(-1, 32)[:, 0] == 1).all()  # sequences from BOS
+    records = json.loads((workdir / "out" / "tiny" / "factorconv_run.json").read_text())
+    assert records["finetune"]["data"] == ["out/tiny-samples.npy"] and records["samples"]["tokens"] == 1000
+
+    result = cli("run", path)
+    assert "sample    reusing out/tiny-samples.npy" in result.output and "finetune  reusing" in result.output
+    result = cli("run", path, "--set", "samples.seed=1")  # other samples: sampled and fine-tuned again
+    assert result.exit_code == 0, result.output
+    assert "sample    src -> out/tiny-samples.npy" in result.output and "finetune  out/tiny-converted" in result.output
+    assert not (ids == np.load(workdir / "out" / "tiny-samples.npy")).all()
+
+    line = one_error_line(cli("run", write_recipe(workdir, samples=samples)))
+    assert "samples: healing data needs a finetune section" in line
 
 
 def test_run_knows_what_an_interrupted_finetune_leaves():
