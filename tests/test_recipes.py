@@ -107,8 +107,8 @@ def test_recipe_validates_and_plans_offline(path):
     assert all(line.startswith("#") for line in header.splitlines())
     assert f"factorconv run recipes/{path.name}" in header
     assert f"{plan.source_kv_bytes:,} -> {plan.target_kv_bytes:,} bytes/token" in header
-    # Says what was run: no full-size recipe has been run end to end; SmolLM2's conversion has.
-    said = "estimated from the shapes, not run|the conversion measured, the healing not run"
+    # Says what was run: no recipe has been run end to end; SmolLM2's conversion and healing stages were measured.
+    said = "estimated from the shapes, not run|conversion and healing measured, not run end to end"
     assert re.search(rf"^# Hardware \(({said})\): ", header, re.M)
     assert f"Parameters: {plan.source_parameters / 1e9:.2f}B -> {plan.target_parameters / 1e9:.2f}B" in header
 
