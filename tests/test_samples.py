@@ -69,6 +69,8 @@ def test_chat_samples_are_conversations_through_the_template(source, tmp_path):
         assert header - start - 2 <= LENGTH // 4  # ... or at a quarter of --length
         answer = ids[header + 3:end]
         assert 0 < len(answer) <= LENGTH and 2 not in answer[:-1]  # the answer ends at its first EOS or the cap
+    result = run("sample", folder, tmp_path / "short.npy", "--tokens", 64, "--length", 4, "--chat", "--device", "cpu")
+    assert result.exit_code == 1 and "opening is 2 tokens; raise --length above 4" in result.output, result.output
 
 
 def test_chat_samples_need_a_chat_template(source, source_dirs, tmp_path):

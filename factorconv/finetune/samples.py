@@ -86,15 +86,12 @@ def _generate(model: PreTrainedModel, rows: list[list[int]], new_tokens: int, te
     return out[:, width:].tolist()
 
 
-def _conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, length: int,
-                   temperature: float, pad: int) -> list[list[int]]:
-    """`count` conversations of at most about `length` tokens: a sampled user turn (a quarter of them at most)
-    and the model's answer to it through the template, each ending at its stop token or at the limit."""
+def _conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, opening: list[int], count: int,
+                   length: int, temperature: float, pad: int) -> list[list[int]]:
+    """`count` conversations of at most about `length` tokens: a user turn sampled after the template's `opening`
+    (at most a quarter of `length`), then the model's answer through the template's generation prompt, each turn
+    ending at its first stop token or at its limit."""
     stop = _stop_ids(model, tokenizer)
-    opening = _user_opening(tokenizer)
-    if len(opening) >= length // 2:
-        raise FactorConvError(f"the chat template's opening is {len(opening)} tokens; raise --length above "
-                              f"{2 * len(opening)}")
     turns = _generate(model, [opening] * count, max(1, length // 4), temperature, pad, stop)
     questions = [tokenizer.decode(_until_stop(t, stop, False), skip_special_tokens=True) for t in turns]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -140,6 +137,10 @@ def sample_tokens(
     where = resolve_device(device)
     folder = resolve_source(model, revision)
     tokenizer = _chat_tokenizer(folder) if chat else None
+    opening = _user_opening(tokenizer) if chat else []  # template problems are found before the model loads
+    if len(opening) >= length // 2:
+        raise FactorConvError(f"the chat template's opening is {len(opening)} tokens; raise --length above "
+                              f"{2 * len(opening)}")
     # float32 on CPU (bf16 matmuls there are slow), the stored dtype elsewhere
     source = load_model(folder, torch.float32 if where.type == "cpu" else "auto", "model").to(where).eval()
     pad = source.generation_config.pad_token_id
@@ -153,7 +154,7 @@ def sample_tokens(
     with tqdm(total=total, desc="sampling", unit="tok", unit_scale=True, disable=not progress) as bar:
         while done < total:
             if chat:
-                rows = _conversations(source, tokenizer, batch_size, length, temperature, pad)
+                rows = _conversations(source, tokenizer, opening, batch_size, length, temperature, pad)
             else:
                 count = min(batch_size, (total - done) // length)
                 rows = [[start] + r for r in _generate(source, [[start]] * count, length - 1, temperature, pad, None)]
