@@ -163,7 +163,7 @@ def run_recipe(
             raise RecipeError(f"{path}: {recipe_phrase(err)}") from None
     _finish(converted, {"convert": convert_record}, recipe_text, license_=license_)
 
-    if recipe.samples is not None:
+    if recipe.samples is not None and not _complete(final, records):  # a healed model of these samples needs none
         _samples_stage(recipe, records["samples"], progress, echo)
 
     if finetune_options is not None:

@@ -370,8 +370,11 @@ def test_run_samples_healing_data_from_the_source(workdir):
     records = json.loads((workdir / "out" / "tiny" / "factorconv_run.json").read_text())
     assert records["finetune"]["data"] == ["out/tiny-samples.npy"] and records["samples"]["tokens"] == 1000
 
-    result = cli("run", path)
-    assert "sample    reusing out/tiny-samples.npy" in result.output and "finetune  reusing" in result.output
+    result = cli("run", path)  # the healed model is complete: nothing sampled or trained
+    assert "sample" not in result.output and "finetune  reusing" in result.output, result.output
+    result = cli("run", path, "--set", "finetune.steps=3")  # other healing, same samples: reused
+    assert result.exit_code == 0, result.output
+    assert "sample    reusing out/tiny-samples.npy" in result.output and "finetune  out/tiny-converted" in result.output
     result = cli("run", path, "--set", "samples.seed=1")  # other samples: sampled and fine-tuned again
     assert result.exit_code == 0, result.output
     assert "sample    src -> out/tiny-samples.npy" in result.output and "finetune  out/tiny-converted" in result.output
