@@ -35,7 +35,7 @@ from factorconv.convert import convert
 from factorconv.convert.options import ConvertOptions
 from factorconv.data import load_tokens
 from factorconv.finetune import FinetuneOptions, finetune
-from factorconv.finetune.samples import sample_tokens
+from factorconv.finetune.samples import SampleOptions, sample_tokens
 
 CALIB = REAL / "tinystories" / "train.tok512.npy"
 # method -> (ConvertOptions fields beyond the ranks, FinetuneOptions fields beyond the data, (tokens, length) sampled
@@ -98,9 +98,9 @@ def main() -> None:
             data, sample_s = args.train, None
             if samples is not None:
                 start = time.perf_counter()
-                data = sample_tokens(str(args.model), root / f"{name.replace(', ', '-')}.npy", samples[0],
-                                     length=samples[1], batch_size=args.sample_batch, device="cpu", overwrite=True,
-                                     progress=False)
+                spec = SampleOptions(tokens=samples[0], length=samples[1], batch_size=args.sample_batch)
+                data = sample_tokens(str(args.model), root / f"{name.replace(', ', '-')}.npy", spec, device="cpu",
+                                     overwrite=True, progress=False)
                 sample_s = time.perf_counter() - start
             start = time.perf_counter()
             healed = finetune(

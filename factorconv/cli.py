@@ -255,16 +255,20 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
 @click.option("--revision", help="Hub revision of MODEL.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.pass_context
-def sample_command(ctx: click.Context, model: str, output: Path, tokens: str, **kwargs) -> None:
+def sample_command(ctx: click.Context, model: str, output: Path, tokens: str, device: str, revision: str | None,
+                   overwrite: bool, **settings) -> None:
     """Sample healing data from MODEL (usually the source) into OUTPUT.npy, for `finetune --data OUTPUT.npy`."""
     from .finetune.options import token_count
-    from .finetune.samples import sample_tokens
+    from .finetune.samples import SampleOptions, sample_tokens
 
     try:
         count = token_count(tokens)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--tokens") from None
-    path = sample_tokens(model, output, count, progress=ctx.obj["progress"], **kwargs)
+    if count < 2:
+        raise click.BadParameter("sample at least 2 tokens", param_hint="--tokens")
+    path = sample_tokens(model, output, SampleOptions(tokens=count, **settings), device=device, revision=revision,
+                         overwrite=overwrite, progress=ctx.obj["progress"])
     click.echo(f"wrote {path}")
 
 

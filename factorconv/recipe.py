@@ -100,26 +100,6 @@ class PushSection(_Section):
         return value
 
 
-class SamplesSection(_Section):
-    """Healing data drawn from the source before fine-tuning (`factorconv sample`), read before finetune.data."""
-
-    tokens: int = Field(ge=2, description="how many tokens to sample, e.g. 2M")
-    chat: bool = Field(default=False, description="conversations through the source's chat template")
-    length: int = Field(default=256, ge=2, description="tokens per sequence (with chat: per conversation, at most)")
-    batch_size: int = Field(default=64, ge=1, description="sequences sampled at once")
-    temperature: float = Field(default=1.0, gt=0)
-    seed: int = Field(default=0, ge=0)
-
-    @field_validator("tokens", mode="before")
-    @classmethod
-    def _count_with_suffix(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        from .finetune.options import token_count
-
-        return token_count(value)
-
-
 class ExportSection(_Section):
     format: Literal["deepseek-v3", "llama"] = Field(description="deepseek-v3 (needs target.mla) or llama (target.mqa)")
     dir: Path = Field(description="folder for the stock-architecture copy of the final model")
@@ -134,7 +114,7 @@ class Recipe(_Section):
     target: TargetSection
     calibration: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
-    samples: SamplesSection | None = None
+    samples: dict[str, Any] | None = None
     eval: EvalSection | None = None
     output: OutputSection
     export: ExportSection | None = None
@@ -181,6 +161,15 @@ class Recipe(_Section):
             return ConvertOptions(**{**values, **run_fields})
         except ValidationError as err:
             raise RecipeError(_error_line(err, _convert_path, recipe_phrase)) from None
+
+    def sample_options(self):
+        """SampleOptions from the `samples` section (`factorconv sample`'s options)."""
+        from .finetune.samples import SampleOptions
+
+        try:
+            return SampleOptions(**self.samples)
+        except ValidationError as err:
+            raise RecipeError(_error_line(err, lambda loc: "samples." + _dotted(loc) if loc else "samples")) from None
 
     def finetune_options(self, **run_fields: Any):
         """FinetuneOptions from the `finetune` section plus what `run` fills in (model, teacher, output, ...)."""
@@ -382,7 +371,7 @@ def _error_line(err: ValidationError, path_of, phrase=None) -> str:
     if first["type"] == "missing":
         line = f"{path}: required"
     elif not first["loc"] or first["type"] == "value_error":
-        line = f"{path}: {message}"
+        line = f"{path}: {message}" if path else message  # a whole-recipe check names its keys itself
     else:
         got = first.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__

@@ -80,8 +80,9 @@ def validate_recipe(path: Path, overrides: Sequence[str] = ()) -> str:
 def _stages(recipe: Recipe) -> list[str]:
     stages = [f"convert to {recipe.converted_dir}"]
     if recipe.samples is not None:
-        what = "conversations" if recipe.samples.chat else "sequences"
-        stages.append(f"sample {recipe.samples.tokens:,} tokens of {what} to {recipe.samples_path}")
+        spec = recipe.sample_options()
+        stages.append(f"sample {spec.tokens:,} tokens of {'conversations' if spec.chat else 'sequences'} to "
+                      f"{recipe.samples_path}")
     if recipe.finetune is not None:
         options = recipe.finetune_options()
         budget = f"{options.tokens:,} tokens" if options.tokens else f"{options.steps} steps" if options.steps else "1 pass"
@@ -137,7 +138,7 @@ def run_recipe(
     records = {"convert": convert_record}
     if recipe.samples is not None:
         records["samples"] = {"source": recipe.source.model, "revision": recipe.source.revision,
-                              **recipe.samples.model_dump(mode="json")}
+                              **recipe.sample_options().model_dump(mode="json")}
     if finetune_options is not None:
         records["finetune"] = _record(finetune_options, FINETUNE_VOLATILE)
     # Refuse up front (not after hours of conversion) to replace a folder that is not ours.
@@ -260,7 +261,7 @@ def _replaceable(folder: Path) -> None:
 
 def _samples_stage(recipe: Recipe, record: dict, progress: bool, echo: Callable[[str], None]) -> None:
     """Sample the healing tokens from the source, or reuse the file a run with the same options wrote."""
-    path, spec = recipe.samples_path, recipe.samples
+    path, spec = recipe.samples_path, recipe.sample_options()
     stamp = path.with_name(path.name + ".json")  # what produced the file
     try:
         same = path.is_file() and json.loads(stamp.read_text()) == record
@@ -273,9 +274,8 @@ def _samples_stage(recipe: Recipe, record: dict, progress: bool, echo: Callable[
 
     echo(f"sample    {recipe.source.model} -> {path} ({spec.tokens:,} tokens{', chat' if spec.chat else ''})")
     stamp.unlink(missing_ok=True)
-    sample_tokens(recipe.source.model, path, spec.tokens, length=spec.length, batch_size=spec.batch_size,
-                  temperature=spec.temperature, seed=spec.seed, chat=spec.chat, device=recipe.device,
-                  revision=recipe.source.revision, overwrite=True, progress=progress)
+    sample_tokens(recipe.source.model, path, spec, device=recipe.device, revision=recipe.source.revision,
+                  overwrite=True, progress=progress)
     stamp.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -380,8 +380,10 @@ def test_run_samples_healing_data_from_the_source(workdir):
     assert "sample    src -> out/tiny-samples.npy" in result.output and "finetune  out/tiny-converted" in result.output
     assert not (ids == np.load(workdir / "out" / "tiny-samples.npy")).all()
 
+    line = one_error_line(cli("validate", path, "--set", "samples.batch_size=0"))
+    assert "samples.batch_size: input should be greater than or equal to 1 (got 0)" in line
     line = one_error_line(cli("run", write_recipe(workdir, samples=samples)))
-    assert "samples: healing data needs a finetune section" in line
+    assert "tiny.yaml: samples: healing data needs a finetune section" in line
 
 
 def test_run_knows_what_an_interrupted_finetune_leaves():

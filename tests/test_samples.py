@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from factorconv.cli import main
 from factorconv.finetune.output import SUMMARY_FILE
-from factorconv.finetune.samples import sample_tokens
+from factorconv.finetune.samples import SampleOptions, sample_tokens
 
 LENGTH = 32
 
@@ -27,16 +27,15 @@ def source(source_dirs):
 
 def test_samples_are_full_sequences_from_bos_and_reproducible(source, source_model, tmp_path):
     bos = source_model("llama_gqa").config.bos_token_id
-    first = sample_tokens(str(source), tmp_path / "a.npy", 300, length=LENGTH, batch_size=4, device="cpu",
-                          progress=False)
+    options = SampleOptions(tokens=300, length=LENGTH, batch_size=4)
+    first = sample_tokens(str(source), tmp_path / "a.npy", options, device="cpu", progress=False)
     ids = np.load(first)
     assert ids.shape == (10 * LENGTH,)  # rounded up to whole sequences
     rows = ids.reshape(-1, LENGTH)
     assert (rows[:, 0] == bos).all() and ids.max() < VOCAB
     assert len({tuple(r) for r in rows}) == len(rows)  # sampled, not greedy copies of one sequence
-    again = np.load(sample_tokens(str(source), tmp_path / "b.npy", 300, length=LENGTH, batch_size=4, device="cpu",
-                                  progress=False))
-    other = np.load(sample_tokens(str(source), tmp_path / "c.npy", 300, length=LENGTH, batch_size=4, seed=1,
+    again = np.load(sample_tokens(str(source), tmp_path / "b.npy", options, device="cpu", progress=False))
+    other = np.load(sample_tokens(str(source), tmp_path / "c.npy", options.model_copy(update={"seed": 1}),
                                   device="cpu", progress=False))
     assert (again == ids).all()
     assert not (other == ids).all()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,6 +23,24 @@ from ..convert.device import resolve_device
 from ..errors import FactorConvError
 from ..model_folder import resolve_source
 from .models import load_model
+from .options import token_count
+
+
+class SampleOptions(BaseModel):
+    """What `factorconv sample` draws; also a recipe's `samples` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: int = Field(ge=2, description="how many tokens to sample, e.g. 2M (rounded up to whole sequences)")
+    length: int = Field(default=256, ge=2, description="tokens per sequence, BOS included (chat: per conversation, at most)")
+    batch_size: int = Field(default=64, ge=1, description="sequences sampled at once")
+    temperature: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0)
+    chat: bool = Field(default=False, description="conversations through the model's chat template")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _count_with_suffix(cls, value: object) -> object:
+        return token_count(value) if isinstance(value, str) else value
 
 
 def _start_token(model: torch.nn.Module) -> int:
@@ -114,26 +133,23 @@ def check_sample_output(output: Path, overwrite: bool) -> None:
 def sample_tokens(
     model: str,
     output: Path,
-    tokens: int,
-    length: int = 256,
-    batch_size: int = 64,
-    temperature: float = 1.0,
-    seed: int = 0,
-    chat: bool = False,
+    options: SampleOptions,
     device: str = "auto",
     revision: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Write at least `tokens` token ids to `output` (.npy, one stream).
+    """Write at least `options.tokens` token ids to `output` (.npy, one stream).
 
     Plain ancestral sampling at `temperature` (no top-k/top-p, which would cut the tails the KL also matches).
     Without `chat`, `length` tokens per sequence from BOS, EOS held back so every sequence is full; with it,
     conversations of at most about `length` tokens (see `_conversations`). The same seed, batch size and device
     give the same tokens."""
+    tokens, length, batch_size, temperature = options.tokens, options.length, options.batch_size, options.temperature
+    chat = options.chat
     check_sample_output(output, overwrite)
-    if length < 2 or tokens < length or batch_size < 1 or temperature <= 0:
-        raise FactorConvError("need --length >= 2, --tokens >= --length, --batch-size >= 1 and --temperature > 0")
+    if tokens < length:
+        raise FactorConvError(f"need --tokens >= --length (got {tokens} and {length})")
     where = resolve_device(device)
     folder = resolve_source(model, revision)
     tokenizer = _chat_tokenizer(folder) if chat else None
@@ -146,7 +162,7 @@ def sample_tokens(
     pad = source.generation_config.pad_token_id
     pad = pad if isinstance(pad, int) else (tokenizer.pad_token_id if tokenizer else None) or 0
     start = None if chat else _start_token(source)
-    torch.manual_seed(seed)
+    torch.manual_seed(options.seed)
     chunks: list[np.ndarray] = []
     dtype = np.uint16 if source.config.vocab_size <= 2**16 else np.int32
     total = -(-tokens // length) * length if not chat else tokens
