@@ -55,7 +55,8 @@ MODELS = {
     ),
 }
 # Which weights train, at what peak learning rate, with what weight of the layer-wise hidden-state term and,
-# where named, how many blocks per step instead of --batch-size (FinetuneOptions fields; the logit KL has weight 1).
+# where named, how many blocks of what length per step instead of --batch-size x the model's eval window
+# (FinetuneOptions fields; the logit KL has weight 1).
 METHODS = {
     "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
     "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
@@ -73,6 +74,13 @@ METHODS = {
     "all lr 1e-3, batch 4": dict(trainable="all", lr=1e-3, batch_size=4),
     "all lr 5e-4, batch 4": dict(trainable="all", lr=5e-4, batch_size=4),
     "all lr 5e-4, batch 2": dict(trainable="all", lr=5e-4, batch_size=2),
+    "all, attention lr 3e-3, rest 1e-3": dict(trainable="all", lr=3e-3, outside_lr_ratio=1 / 3),
+    "all, attention lr 3e-3, rest 3e-4": dict(trainable="all", lr=3e-3, outside_lr_ratio=0.1),
+    "all, attention lr 2e-3, rest 5e-4": dict(trainable="all", lr=2e-3, outside_lr_ratio=0.25),
+    "all lr 1e-3, T 2": dict(trainable="all", lr=1e-3, temperature=2.0),
+    "all lr 1e-3, min lr 0": dict(trainable="all", lr=1e-3, min_lr_ratio=0.0),
+    "all lr 1e-3, 8 x 2048": dict(trainable="all", lr=1e-3, batch_size=8, seq_len=2048),
+    "all lr 1e-3, 32 x 512": dict(trainable="all", lr=1e-3, batch_size=32, seq_len=512),
 }
 
 
@@ -135,17 +143,17 @@ def main() -> None:
             for method in args.methods:
                 for n in token_counts:
                     healed = root / "healed"
-                    settings = {"batch_size": args.batch_size} | METHODS[method]
+                    settings = {"batch_size": args.batch_size, "seq_len": spec["seq_len"]} | METHODS[method]
                     start = time.perf_counter()
                     finetune(FinetuneOptions(
                         model=str(converted), output=healed, data=[str(path) for path in train],
-                        eval_data=str(heal_eval), tokens=n, seq_len=spec["seq_len"], device=args.device,
+                        eval_data=str(heal_eval), tokens=n, device=args.device,
                         overwrite=True, **settings), progress=False)
                     seconds = time.perf_counter() - start
                     model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval().to(args.device)
                     ratio = measure(kind, model, tokens, spec["seq_len"], base, seconds)["ratio"]
                     row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n, data=data_name,
-                               batch_size=settings["batch_size"], convert=convert_options, zero_shot=zero,
+                               batch_size=settings["batch_size"], seq_len=settings["seq_len"], convert=convert_options, zero_shot=zero,
                                ratio=ratio, heal_s=seconds, convert_s=convert_s)
                     if chat:
                         row["answers"] = [answer(model, tokenizer, prompt, 40) for prompt in PROMPTS]

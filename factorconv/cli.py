@@ -288,6 +288,8 @@ def sample_command(ctx: click.Context, model: str, output: Path, tokens: str, de
               "attention, 0.024 / √hidden size with --trainable all]")
 @click.option("--warmup", type=int, help="Linear warmup steps (default: 5% of the steps), then cosine decay.")
 @click.option("--min-lr-ratio", type=float, help="Cosine floor as a fraction of --lr.  [default: 0.1]")
+@click.option("--outside-lr-ratio", type=float, help="Peak lr of the trained weights outside attention (MLP, norms, "
+              "embeddings, LoRA) as a fraction of --lr.  [default: 1]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm (0: none).  [default: 1.0]")
 @click.option(

@@ -129,6 +129,22 @@ def test_only_chosen_parameters_change(tpa, tokens_file, tmp_path, trainable, ex
     assert changed == {n for n in before if expected(n)}, sorted(changed ^ {n for n in before if expected(n)})
 
 
+def test_weights_outside_attention_take_their_own_lr(tpa, tokens_file, tmp_path):
+    """One Adam step moves every weight with a gradient by the group's lr (m / √v = ±1 at step 1): the attention
+    by --lr, the rest by --lr × outside_lr_ratio."""
+    out = finetune(options(tpa, tmp_path / "o", tokens_file, steps=1, warmup=0, lr=1e-2, trainable="all",
+                           outside_lr_ratio=0.1), progress=False)
+    before, after = weights(tpa), weights(out)
+    step = {name: (after[name] - before[name]).abs().max().item() for name in before}
+    attention = [v for n, v in step.items() if ".self_attn." in n]
+    outside = [v for n, v in step.items() if ".self_attn." not in n]
+    assert attention and outside
+    assert max(attention) == pytest.approx(1e-2, rel=1e-3) and max(outside) == pytest.approx(1e-3, rel=1e-3)
+    bad = run("finetune", tpa, tmp_path / "bad", "--data", tokens_file, "--outside-lr-ratio", "0.1")
+    one_line_error(bad, "--outside-lr-ratio", "--trainable")  # attention only: nothing outside it trains
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft's PeftModel asks for it
 def test_lora_saves_a_loadable_merged_model(tpa, tokens_file, tmp_path):
     from peft import PeftModel

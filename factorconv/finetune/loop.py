@@ -105,7 +105,7 @@ def train_step(training: Training, step: int, stop: StopRequest) -> StepStats:
         sums += torch.stack([parts.loss.detach(), parts.kl, parts.ce, parts.hidden])
         del teacher_out, student_out, hidden, parts
     for group in models.optimizer.param_groups:
-        group["lr"] = lr_at(step, o, data.total, data.warmup)
+        group["lr"] = lr_at(step, o, data.total, data.warmup) * group["lr_scale"]
     grad_norm = clip_gradients(acc, models.params, o.max_grad_norm)
     models.optimizer.step()
     models.optimizer.zero_grad(set_to_none=True)

@@ -41,6 +41,20 @@ def _keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_d
             del state[key]
 
 
+def param_groups(student: torch.nn.Module, options: FinetuneOptions) -> list[dict]:
+    """AdamW groups of the trainable weights: decay on matrices only, and each group's `lr_scale` (1 inside
+    attention, outside_lr_ratio elsewhere) that the schedule multiplies in at every step."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            groups.setdefault(("self_attn" in name.split("."), param.ndim >= 2), []).append(param)
+    return [
+        {"params": params, "weight_decay": options.weight_decay if matrix else 0.0,
+         "lr_scale": 1.0 if attention else options.outside_lr_ratio}
+        for (attention, matrix), params in sorted(groups.items(), reverse=True)
+    ]
+
+
 def build_models(options: FinetuneOptions, inputs: Inputs, accelerator: "Accelerator") -> Models:
     """The prepared student and optimizer and the frozen teacher, seeded by the options."""
     from accelerate.utils import set_seed
@@ -67,13 +81,8 @@ def build_models(options: FinetuneOptions, inputs: Inputs, accelerator: "Acceler
     trainable_count = sum(p.numel() for p in student.parameters() if p.requires_grad)
     total_count = sum(p.numel() for p in student.parameters())
     student.to(acc.device).train()
-    decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = acc.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=o.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None
-    )
+    optimizer = torch.optim.AdamW(param_groups(student, o), lr=o.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
     student, optimizer = acc.prepare(student, optimizer)
     teacher = None
     if inputs.teacher is not None:

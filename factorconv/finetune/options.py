@@ -66,6 +66,11 @@ class FinetuneOptions(BaseModel):
     )
     warmup: int | None = Field(default=None, ge=0, description="linear warmup steps (default: 5% of the steps)")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine decays to lr × this at the last step")
+    outside_lr_ratio: float = Field(
+        default=1.0, gt=0,
+        description="peak lr of the trained weights outside attention (MLP, norms, embeddings, LoRA) as a fraction "
+        "of lr: the new attention factors may want larger steps than the pretrained weights around them",
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (matrices only)")
     max_grad_norm: float = Field(default=1.0, ge=0, description="clip the global gradient norm (0: no clipping)")
 
@@ -154,6 +159,9 @@ class FinetuneOptions(BaseModel):
             raise ValueError("save_adapter and lora_alpha need lora_r")
         if self.lora_r is not None and self.trainable == "all":
             raise ValueError("trainable 'all' leaves nothing for LoRA; use attention or attention+norms with lora_r")
+        if self.outside_lr_ratio != 1 and self.trainable == "attention" and self.lora_r is None:
+            raise OptionError("{outside_lr_ratio} needs weights outside attention to train: "
+                              "use {trainable} attention+norms or all, or {lora_r}")
         if self.resume and self.overwrite:
             raise OptionError("give {resume} or {overwrite}, not both")
         return self
