@@ -51,6 +51,9 @@ METHODS = {
     # the same ~5 minutes spent otherwise: half the samples, seen twice over 1,150 steps; or a higher peak lr
     "calibrated, half samples, 1150 steps": ({"calib": str(CALIB)}, SHORT | {"steps": 1150}, (400 * 16 * 128, 256)),
     "calibrated, samples, lr 5e-3": ({"calib": str(CALIB)}, SHORT | {"lr": 5e-3}, (800 * 16 * 128, 256)),
+    # the new attention at the attention-only best's order of magnitude, the pretrained rest at the usual 3e-3
+    "calibrated, samples, attention lr 1e-2, rest 3e-3": (
+        {"calib": str(CALIB)}, SHORT | {"lr": 1e-2, "outside_lr_ratio": 0.3}, (800 * 16 * 128, 256)),
 }
 
 
@@ -132,7 +135,8 @@ def main() -> None:
     for r in rows:
         h, s = r["healing"], r["summary"]
         conversion = "`--calib` (default refinement)" if METHODS[r["name"]][0] else "weight-only"
-        extra = f", hidden {h['hidden_weight']:g}" if h.get("hidden_weight") else ""
+        extra = f", outside attention lr x {h['outside_lr_ratio']:g}" if h.get("outside_lr_ratio") else ""
+        extra += f", hidden {h['hidden_weight']:g}" if h.get("hidden_weight") else ""
         samples = METHODS[r["name"]][2]
         extra += f", on {samples[0]:,} tokens sampled in sequences of {samples[1]}" if samples else ""
         healing = (f"{s['steps']} steps x {s['tokens_per_step'] // h.get('seq_len', args.seq_len)} x "
