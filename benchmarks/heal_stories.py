@@ -1,7 +1,7 @@
 """Healing demo on real weights: stories260K converted to TPA at R_K = R_V = 1 (a quarter of its KV bytes),
 then healed by distillation from the source on TinyStories text, on CPU in a few minutes.
 
-    python benchmarks/heal_stories.py [--methods weight-only calibrated] [--calibrated-from DIR] [--threads 1]
+    python benchmarks/heal_stories.py [--methods weight-only calibrated] [--calibrated-from DIR] [--threads N]
 
 Two methods, each a conversion and a healing run (METHODS):
 - weight-only: `convert --rank-k 1 --rank-v 1` (no calibration), then 400 steps of 4 x 512 tokens, lr 2e-2,
@@ -72,7 +72,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1, help="TPA R_K = R_V")
     parser.add_argument("--seq-len", type=int, default=512, help="training blocks and eval windows")
     parser.add_argument("--out", type=Path, help="keep the converted and healed folders here (default: temporary)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a 260K model gains nothing from more)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads (default: every core; on 2 cores, 2 threads sample and heal ~1.3x faster "
+                        "than 1: heal_stories.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (args.model / "config.json").is_file():
