@@ -57,6 +57,7 @@ MODELS = {
 # Which weights train, at what peak learning rate, with what weight of the layer-wise hidden-state term and,
 # where named, how many blocks of what length per step instead of --batch-size x the model's eval window
 # (FinetuneOptions fields; the logit KL has weight 1).
+OWN = "corpus"  # --train's name for the model's own healing data
 METHODS = {
     "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
     "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
@@ -99,8 +100,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--corpus-mb", type=float, default=40.0, help="pycode-27M healing corpus size")
-    parser.add_argument("--train", type=Path, nargs="+",
-                        help="heal on these files instead (e.g. `factorconv sample` output); SmolLM2 needs them")
+    parser.add_argument("--train", type=Path, nargs="+", default=[Path(OWN)],
+                        help=f"heal on these files (e.g. `factorconv sample` output); {OWN!r}, the default, is the model's "
+                        "own healing data (pycode-27M: the Python corpus), also to mix with files; SmolLM2 has none")
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the folder build_smollm2.py wrote")
     parser.add_argument("--convert", action="append", default=[], metavar="KEY=VALUE",
                         help="a `convert` option for every conversion (repeatable), e.g. refine_steps=800")
@@ -112,8 +114,9 @@ def main() -> None:
     if not (spec["folder"] / "config.json").is_file():
         raise SystemExit(f"{spec['folder']} not found: this benchmark needs ../shared/real beside the checkout "
                          "(and SmolLM2 built by ../shared/tools/build_smollm2.py)")
-    if not (args.train or spec["train"] or args.model == "pycode-27M"):
-        raise SystemExit(f"{args.model} heals on --train FILE ... (e.g. `factorconv sample --chat` output)")
+    if Path(OWN) in args.train and not (spec["train"] or args.model == "pycode-27M"):
+        raise SystemExit(f"{args.model} has no healing data of its own: give --train FILE ... "
+                         "(e.g. `factorconv sample --chat` output)")
     targets = [(kind, float(budget)) for kind, budget in (t.split(":") for t in args.targets.split(","))]
     convert_options = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.convert)}
     token_counts = [count(t) for t in args.tokens.split(",")]
@@ -129,7 +132,8 @@ def main() -> None:
         if chat:
             chats["source"] = [answer(source, tokenizer, prompt, 40) for prompt in PROMPTS]
         del source
-        train = args.train or [spec["train"] or python_corpus(root, args.corpus_mb)]
+        train = [(spec["train"] or python_corpus(root, args.corpus_mb)) if path == Path(OWN) else path
+                 for path in args.train]
         data_name = " + ".join(path.name for path in train)
         for kind, budget in targets:
             converted = root / f"{kind}-{budget:g}"
