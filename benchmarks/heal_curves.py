@@ -54,10 +54,10 @@ MODELS = {
         heal_eval=(WIKITEXT, -300_000), seq_len=512, chat=True,
     ),
 }
+OWN = "corpus"  # --train's name for the model's own healing data
 # Which weights train, at what peak learning rate, with what weight of the layer-wise hidden-state term and,
 # where named, how many blocks of what length per step instead of --batch-size x the model's eval window
 # (FinetuneOptions fields; the logit KL has weight 1).
-OWN = "corpus"  # --train's name for the model's own healing data
 METHODS = {
     "attention lr 1e-3": dict(trainable="attention", lr=1e-3),
     "attention lr 3e-3": dict(trainable="attention", lr=3e-3),
@@ -101,8 +101,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--corpus-mb", type=float, default=40.0, help="pycode-27M healing corpus size")
     parser.add_argument("--train", type=Path, nargs="+", default=[Path(OWN)],
-                        help=f"heal on these files (e.g. `factorconv sample` output); {OWN!r}, the default, is the model's "
-                        "own healing data (pycode-27M: the Python corpus), also to mix with files; SmolLM2 has none")
+                        help=f"heal on these files (e.g. `factorconv sample` output); {OWN!r}, the default, is the "
+                        "model's own healing data (pycode-27M: the Python corpus), also to mix with files; SmolLM2 "
+                        "has none")
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the folder build_smollm2.py wrote")
     parser.add_argument("--convert", action="append", default=[], metavar="KEY=VALUE",
                         help="a `convert` option for every conversion (repeatable), e.g. refine_steps=800")
@@ -157,8 +158,9 @@ def main() -> None:
                     model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32).eval().to(args.device)
                     ratio = measure(kind, model, tokens, spec["seq_len"], base, seconds)["ratio"]
                     row = dict(model=args.model, target=kind, budget=budget, method=method, tokens=n, data=data_name,
-                               batch_size=settings["batch_size"], seq_len=settings["seq_len"], convert=convert_options, zero_shot=zero,
-                               ratio=ratio, heal_s=seconds, convert_s=convert_s)
+                               batch_size=settings["batch_size"], seq_len=settings["seq_len"],
+                               convert=convert_options, zero_shot=zero, ratio=ratio, heal_s=seconds,
+                               convert_s=convert_s)
                     if chat:
                         row["answers"] = [answer(model, tokenizer, prompt, 40) for prompt in PROMPTS]
                         chats[f"{kind} {budget:.0%}, {method}, {n / 1e6:g}M"] = row["answers"]

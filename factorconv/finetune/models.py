@@ -12,7 +12,7 @@ from ..dtypes import DTYPES
 from ..errors import FactorConvError
 from .options import FinetuneOptions
 from .state import Inputs, Models
-from .trainable import select_trainable, trainable_modules, wrap_lora
+from .trainable import param_groups, select_trainable, trainable_modules, wrap_lora
 
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not with the options
     from accelerate import Accelerator
@@ -39,20 +39,6 @@ def _keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_d
         keep = {name for name, p in model.named_parameters() if p.requires_grad}
         for key in [k for k in state if k not in keep]:
             del state[key]
-
-
-def param_groups(student: torch.nn.Module, options: FinetuneOptions) -> list[dict]:
-    """AdamW groups of the trainable weights: decay on matrices only, and each group's `lr_scale` (1 inside
-    attention, outside_lr_ratio elsewhere) that the schedule multiplies in at every step."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in student.named_parameters():
-        if param.requires_grad:
-            groups.setdefault(("self_attn" in name.split("."), param.ndim >= 2), []).append(param)
-    return [
-        {"params": params, "weight_decay": options.weight_decay if matrix else 0.0,
-         "lr_scale": 1.0 if attention else options.outside_lr_ratio}
-        for (attention, matrix), params in sorted(groups.items(), reverse=True)
-    ]
 
 
 def build_models(options: FinetuneOptions, inputs: Inputs, accelerator: "Accelerator") -> Models:

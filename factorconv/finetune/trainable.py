@@ -46,6 +46,21 @@ def select_trainable(model: nn.Module, modules: list[str]) -> list[str]:
     return names
 
 
+def param_groups(model: nn.Module, options: FinetuneOptions) -> list[dict]:
+    """AdamW groups of the trainable weights: decay on matrices only, and each group's `lr_scale` (1 inside
+    attention, outside_lr_ratio elsewhere) that the schedule multiplies in at every step."""
+    attention = trainable_modules(model, "attention")
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((_covered(name, attention), param.ndim >= 2), []).append(param)
+    return [
+        {"params": params, "weight_decay": options.weight_decay if matrix else 0.0,
+         "lr_scale": 1.0 if inside else options.outside_lr_ratio}
+        for (inside, matrix), params in sorted(groups.items(), reverse=True)
+    ]
+
+
 def lora_target_modules(model: nn.Module, targets: list[str], modules: list[str]) -> list[str]:
     """Full names of the Linear layers matching `targets` (last name part), none inside the trainable set."""
     found, clash = [], []
