@@ -55,7 +55,8 @@ MODELS = {
     ),
 }
 OWN = "corpus"  # --train's name for the model's own healing data
-# Which weights train, at what peak learning rate, with what weight of the layer-wise hidden-state term and,
+# Which weights train, at what peak learning rate, with what weight of the layer-wise hidden-state term or of the
+# layer-local attention term (each attention block fed the teacher's input to it) and,
 # where named, how many blocks of what length per step instead of --batch-size x the model's eval window
 # (FinetuneOptions fields; the logit KL has weight 1).
 METHODS = {
@@ -71,6 +72,9 @@ METHODS = {
     "all lr 1e-2": dict(trainable="all", lr=1e-2),
     "all lr 1e-3 + hidden 1": dict(trainable="all", lr=1e-3, hidden_weight=1.0),
     "all lr 1e-3 + hidden 10": dict(trainable="all", lr=1e-3, hidden_weight=10.0),
+    "all lr 1e-3 + attention 1": dict(trainable="all", lr=1e-3, attention_weight=1.0),
+    "all lr 1e-3 + attention 10": dict(trainable="all", lr=1e-3, attention_weight=10.0),
+    "attention lr 2e-2 + attention 1": dict(trainable="attention", lr=2e-2, attention_weight=1.0),
     "all lr 1e-3, batch 8": dict(trainable="all", lr=1e-3, batch_size=8),
     "all lr 1e-3, batch 4": dict(trainable="all", lr=1e-3, batch_size=4),
     "all lr 5e-4, batch 4": dict(trainable="all", lr=5e-4, batch_size=4),

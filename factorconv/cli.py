@@ -306,6 +306,11 @@ def sample_command(ctx: click.Context, model: str, output: Path, tokens: str, de
     "--hidden-weight", type=float,
     help="Weight of layer-wise distillation: mean relative squared error of each layer's output.  [default: 0]",
 )
+@click.option(
+    "--attention-weight", type=float,
+    help="Weight of layer-local distillation: each attention block, fed the teacher's input to it, matches the "
+    "teacher block's output (relative squared error).  [default: 0]",
+)
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), help="Training weights.  [default: float32]")
 @click.option(

@@ -296,6 +296,50 @@ def test_hidden_state_distillation_alone_heals_from_the_cli(tpa, tokens_file, tm
     assert summary["eval"]["after_ppl"] < summary["eval"]["before_ppl"]
 
 
+def test_attention_term_alone_trains_only_the_attention_blocks(tpa, tokens_file, tmp_path):
+    """--attention-weight with --kl-weight 0 and every weight trainable: each attention block is fed the teacher's
+    input, so only attention weights get gradients; the term is logged and falls."""
+    out = tmp_path / "local"
+    result = run("finetune", tpa, out, "--data", tokens_file, "--steps", 8, "--seq-len", SEQ, "--batch-size", 4,
+                 "--lr", 3e-3, "--trainable", "all", "--kl-weight", 0, "--attention-weight", 1)
+    assert result.exit_code == 0, result.output
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert all(r["kl"] == 0 and r["loss"] == pytest.approx(r["attention"], rel=1e-5) for r in rows)
+    assert rows[-1]["attention"] < rows[0]["attention"]
+    before, after = weights(tpa), weights(out)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(".self_attn." in name for name in moved)
+
+
+def test_attention_match_is_zero_for_an_exact_conversion_and_only_while_training(converted, source_model,
+                                                                                load_model):
+    """Full rank: each converted block reproduces the source block on the same input (error ~ 0); rank 1 does
+    not; and nothing is recorded without gradients (evaluation) or outside collect()."""
+    from factorconv.finetune.attention_match import AttentionMatch
+
+    teacher, ids = source_model("llama_gqa"), random_ids(2, 24, seed=3)
+    errors = {}
+    for label, options in (("exact", {}), ("rank 1", {"rank_k": 1, "rank_v": 1})):
+        student = load_model(converted("llama_gqa", **options))
+        match = AttentionMatch(student, teacher)
+        try:
+            with match.collect():
+                with torch.no_grad():
+                    teacher(input_ids=ids)
+                student(input_ids=ids)
+            errors[label] = match.error(ids.device)
+            with match.collect(), torch.no_grad():
+                teacher(input_ids=ids)
+                student(input_ids=ids)
+            errors[label + ", no grad"] = match.error(ids.device)
+            student(input_ids=ids)
+            errors[label + ", outside"] = match.error(ids.device)
+        finally:
+            match.remove()
+    assert errors["exact"] < 1e-9 and errors["rank 1"] > 1e-3 and errors["rank 1"].requires_grad
+    assert all(errors[f"{label}, {when}"] == 0 for label in ("exact", "rank 1") for when in ("no grad", "outside"))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_loss_is_kl_teacher_to_student_plus_ce(temperature):
     import torch.nn.functional as F
@@ -338,7 +382,8 @@ def test_options_parse_token_counts_and_reject_conflicts():
     assert o.tokens == 50_000_000 and o.data == ["corpus/"] and o.lora_targets == ["up_proj", "down_proj"]
     assert FinetuneOptions(model="m", output="o", data=["d"], tokens="1.5k").tokens == 1500
     for bad in ({"tokens": "lots"}, {"resume": True, "overwrite": True}, {"save_adapter": True},
-                {"kl_weight": 0}, {"device": "cuda:1"}, {"epochs": 2}, {"hidden_weight": -1}):
+                {"kl_weight": 0}, {"device": "cuda:1"}, {"epochs": 2}, {"hidden_weight": -1},
+                {"attention_weight": -1}):
         with pytest.raises(ValidationError):
             FinetuneOptions(model="m", output="o", data=["d"], **bad)
 

@@ -58,6 +58,7 @@ class StepStats(NamedTuple):
     kl: float
     ce: float
     hidden: float
+    attention: float
     grad_norm: float
     stop: bool
 
@@ -84,25 +85,28 @@ def train_step(training: Training, step: int, stop: StopRequest) -> StepStats:
     """One optimizer step over `grad_accum` micro-batches (gradients synchronised on the last one)."""
     o, acc, models, data = training.options, training.accelerator, training.models, training.data
     rank = acc.process_index
-    sums = torch.zeros(4, device=acc.device)
+    sums = torch.zeros(5, device=acc.device)
+    match = models.attention_match
     for micro in range(o.grad_accum):
         ids = data.split.train[data.sampler.indices(step, micro, rank)].to(acc.device, non_blocking=True)
         sync = micro == o.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(models.student):
             teacher_out, layers = None, o.hidden_weight > 0
-            if models.teacher is not None:
-                with torch.no_grad(), acc.autocast():
-                    teacher_out = models.teacher(input_ids=ids, use_cache=False, output_hidden_states=layers)
-            with acc.autocast():
-                student_out = models.student(input_ids=ids, use_cache=False, output_hidden_states=layers)
+            with match.collect() if match is not None else contextlib.nullcontext():
+                if models.teacher is not None:
+                    with torch.no_grad(), acc.autocast():
+                        teacher_out = models.teacher(input_ids=ids, use_cache=False, output_hidden_states=layers)
+                with acc.autocast():
+                    student_out = models.student(input_ids=ids, use_cache=False, output_hidden_states=layers)
             # hidden_states: the embedding, then every decoder layer's output (the last one through the final norm)
             hidden = (student_out.hidden_states[1:], teacher_out.hidden_states[1:]) if layers else None
             parts = distillation_loss(
                 student_out.logits, teacher_out.logits if teacher_out is not None else None, ids,
                 o.kl_weight, o.ce_weight, o.temperature, hidden, o.hidden_weight,
+                match.error(acc.device) if match is not None else None, o.attention_weight,
             )
             acc.backward(parts.loss / o.grad_accum)
-        sums += torch.stack([parts.loss.detach(), parts.kl, parts.ce, parts.hidden])
+        sums += torch.stack([parts.loss.detach(), parts.kl, parts.ce, parts.hidden, parts.attention])
         del teacher_out, student_out, hidden, parts
     for group in models.optimizer.param_groups:
         group["lr"] = lr_at(step, o, data.total, data.warmup) * group["lr_scale"]
@@ -112,8 +116,8 @@ def train_step(training: Training, step: int, stop: StopRequest) -> StepStats:
     flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=acc.device)
     stats = torch.cat([sums / o.grad_accum, grad_norm.detach().float().reshape(1), flag])
     stats = acc.reduce(stats.float(), reduction="sum")
-    loss, kl, ce, matched, norm = (stats[:5] / acc.num_processes).tolist()
-    return StepStats(loss, kl, ce, matched, norm, bool(stats[5]))
+    loss, kl, ce, matched, local, norm = (stats[:6] / acc.num_processes).tolist()
+    return StepStats(loss, kl, ce, matched, local, norm, bool(stats[6]))
 
 
 def _stopped(training: Training, stop: StopRequest, done: int, where: Path) -> FactorConvError:
@@ -155,6 +159,7 @@ def train(training: Training, start: int, before: dict, progress: bool) -> LoopR
                 "kl": stats.kl,
                 "ce": stats.ce,
                 **({"hidden": stats.hidden} if o.hidden_weight > 0 else {}),
+                **({"attention": stats.attention} if o.attention_weight > 0 else {}),
                 "lr": lr_at(step, o, data.total, data.warmup),
                 "grad_norm": stats.grad_norm,
                 "tokens": done * data.tokens_per_step,

@@ -1,5 +1,5 @@
 """The healing objective: KL(teacher ‖ student) on the logits at a temperature, plus optional next-token CE and
-optional layer-wise matching of the residual stream."""
+optional layer-wise matching of the residual stream and of each attention block's output (attention_match.py)."""
 
 from dataclasses import dataclass
 
@@ -13,6 +13,7 @@ class LossParts:
     kl: torch.Tensor  # detached, per token
     ce: torch.Tensor  # detached, per predicted token
     hidden: torch.Tensor  # detached, mean over layers of the normalised hidden-state error
+    attention: torch.Tensor  # detached, mean over layers of the normalised attention-output error
 
 
 def distillation_loss(
@@ -24,6 +25,8 @@ def distillation_loss(
     temperature: float = 1.0,
     hidden: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None,
     hidden_weight: float = 0.0,
+    attention: torch.Tensor | None = None,
+    attention_weight: float = 0.0,
 ) -> LossParts:
     """kl_weight · T² · mean_tokens KL(softmax(t/T) ‖ softmax(s/T)) + ce_weight · CE(s, next token).
 
@@ -31,6 +34,7 @@ def distillation_loss(
     of a packed block is distilled; CE predicts tokens 2..L of each block from the ones before. Both are
     computed in fp32 whatever the logits' dtype. CE is always reported, and only differentiated when weighted.
     `hidden` = (student, teacher) hidden states of every decoder layer: + hidden_weight · hidden_state_error.
+    `attention` = AttentionMatch.error() of this batch: + attention_weight · attention.
     """
     vocab = student_logits.shape[-1]
     student = student_logits.float().reshape(-1, vocab)
@@ -62,7 +66,10 @@ def distillation_loss(
     if hidden is not None:
         matched = hidden_state_error(*hidden)
         loss = loss + hidden_weight * matched
-    return LossParts(loss=loss, kl=kl.detach(), ce=ce.detach(), hidden=matched.detach())
+    if attention is not None:
+        loss = loss + attention_weight * attention
+    local = attention.detach() if attention is not None else student.new_zeros(())
+    return LossParts(loss=loss, kl=kl.detach(), ce=ce.detach(), hidden=matched.detach(), attention=local)
 
 
 def hidden_state_error(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..dtypes import DTYPES
 from ..errors import FactorConvError
+from .attention_match import AttentionMatch
 from .options import FinetuneOptions
 from .state import Inputs, Models
 from .trainable import param_groups, select_trainable, trainable_modules, wrap_lora
@@ -75,12 +76,21 @@ def build_models(options: FinetuneOptions, inputs: Inputs, accelerator: "Acceler
         teacher = load_model(inputs.teacher, dtype, "teacher")
         teacher.config.use_cache = False
         teacher = teacher.requires_grad_(False).eval().to(acc.device)
+    attention_match = None
+    if o.attention_weight > 0:
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type == DistributedType.FSDP:  # its second attention pass runs outside FSDP's unsharding
+            raise FactorConvError("--attention-weight does not run under FSDP; use DDP (the default of "
+                                  "`accelerate launch` without an FSDP config) or drop --attention-weight")
+        attention_match = AttentionMatch(student, teacher)
     acc.register_save_state_pre_hook(_keep_trainable)
     return Models(
         student=student,
         optimizer=optimizer,
         params=tuple(p for p in student.parameters() if p.requires_grad),
         teacher=teacher,
+        attention_match=attention_match,
         lora_scaling=lora_scaling,
         trainable_count=trainable_count,
         total_count=total_count,

@@ -94,6 +94,11 @@ class FinetuneOptions(BaseModel):
         description="weight of the layer-wise term: mean over decoder layers of ‖student - teacher‖² / ‖teacher‖² "
         "of the layer's output hidden states",
     )
+    attention_weight: float = Field(
+        default=0.0, ge=0,
+        description="weight of the layer-local term: mean over layers of ‖attn(x) - teacher attn(x)‖² / "
+        "‖teacher attn(x)‖², each student attention block fed the input the teacher's block of that layer saw",
+    )
 
     grad_checkpointing: bool = Field(default=False, description="recompute activations in backward to save memory")
     dtype: Literal["float32", "bfloat16"] = Field(
@@ -153,8 +158,8 @@ class FinetuneOptions(BaseModel):
     def _consistent(self) -> "FinetuneOptions":
         if self.tokens is not None and self.steps is not None:
             raise OptionError("give {tokens} or {steps}, not both")
-        if self.kl_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("kl_weight, ce_weight and hidden_weight are all 0: nothing to train on")
+        if self.kl_weight == self.ce_weight == self.hidden_weight == self.attention_weight == 0:
+            raise ValueError("kl_weight, ce_weight, hidden_weight and attention_weight are all 0: nothing to train on")
         if self.lora_r is None and (self.save_adapter or self.lora_alpha is not None):
             raise ValueError("save_adapter and lora_alpha need lora_r")
         if self.lora_r is not None and self.trainable == "all":
@@ -168,7 +173,7 @@ class FinetuneOptions(BaseModel):
 
     @property
     def uses_teacher(self) -> bool:
-        return self.kl_weight > 0 or self.hidden_weight > 0
+        return self.kl_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({"finetune": self.model_dump(mode="json")}, sort_keys=False)

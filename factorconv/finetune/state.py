@@ -18,6 +18,8 @@ from .options import FinetuneOptions
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not with the options
     from accelerate import Accelerator
 
+    from .attention_match import AttentionMatch
+
 
 @dataclass(frozen=True)
 class Inputs:
@@ -60,6 +62,7 @@ class Models:
     optimizer: torch.optim.Optimizer
     params: tuple[torch.nn.Parameter, ...]  # the trained ones, as prepared
     teacher: torch.nn.Module | None
+    attention_match: "AttentionMatch | None"  # hooks for the layer-local term; None when its weight is 0
     lora_scaling: float | None  # merged into the base weights on output; None without LoRA
     trainable_count: int
     total_count: int
