@@ -298,7 +298,7 @@ def test_hidden_state_distillation_alone_heals_from_the_cli(tpa, tokens_file, tm
 
 def test_attention_term_alone_trains_only_the_attention_blocks(tpa, tokens_file, tmp_path):
     """--attention-weight with --kl-weight 0 and every weight trainable: each attention block is fed the teacher's
-    input, so only attention weights get gradients; the term is logged and falls."""
+    input, so only attention weights get gradients; the term is logged and falls, with or without checkpointing."""
     out = tmp_path / "local"
     result = run("finetune", tpa, out, "--data", tokens_file, "--steps", 8, "--seq-len", SEQ, "--batch-size", 4,
                  "--lr", 3e-3, "--trainable", "all", "--kl-weight", 0, "--attention-weight", 1)
@@ -309,6 +309,13 @@ def test_attention_term_alone_trains_only_the_attention_blocks(tpa, tokens_file,
     before, after = weights(tpa), weights(out)
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert moved and all(".self_attn." in name for name in moved)
+    # The second passes run outside activation checkpoints, so checkpointing changes nothing that is computed.
+    result = run("finetune", tpa, tmp_path / "checkpointed", "--data", tokens_file, "--steps", 8, "--seq-len", SEQ,
+                 "--batch-size", 4, "--lr", 3e-3, "--trainable", "all", "--kl-weight", 0, "--attention-weight", 1,
+                 "--grad-checkpointing")
+    assert result.exit_code == 0, result.output
+    checkpointed = weights(tmp_path / "checkpointed")
+    assert all(torch.allclose(after[name], checkpointed[name], atol=1e-6) for name in after)
 
 
 def test_attention_match_is_zero_for_an_exact_conversion_and_only_while_training(converted, source_model,
@@ -327,11 +334,11 @@ def test_attention_match_is_zero_for_an_exact_conversion_and_only_while_training
                 with torch.no_grad():
                     teacher(input_ids=ids)
                 student(input_ids=ids)
-            errors[label] = match.error(ids.device)
+                errors[label] = match.error(ids.device)
             with match.collect(), torch.no_grad():
                 teacher(input_ids=ids)
                 student(input_ids=ids)
-            errors[label + ", no grad"] = match.error(ids.device)
+                errors[label + ", no grad"] = match.error(ids.device)
             student(input_ids=ids)
             errors[label + ", outside"] = match.error(ids.device)
         finally:

@@ -34,8 +34,12 @@ def _first_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
 
 
 class AttentionMatch:
-    """Forward hooks on both models; inside `collect()` a teacher forward followed by a student forward leaves
-    `error()`: the mean over layers of ‖attn_s(x_t) − attn_t(x_t)‖² / ‖attn_t(x_t)‖², x_t the teacher's input."""
+    """Forward hooks on both models; inside `collect()`, a teacher forward and then a student forward record each
+    layer's teacher attention input and output and the student block's call; `error()` then runs every student
+    block on the teacher's input: the mean over layers of ‖attn_s(x_t) − attn_t(x_t)‖² / ‖attn_t(x_t)‖².
+
+    The second passes run after the student's forward, outside any activation checkpoint (a checkpointed layer
+    must save the same tensors when it is recomputed); FSDP is refused in build_models for the same reason."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         student_blocks = _attention_blocks(student, "model")
@@ -46,9 +50,8 @@ class AttentionMatch:
                 "--attention-weight pairs them layer by layer; give the model's own source as --teacher"
             )
         self._active = False
-        self._inside = False
         self._teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._errors: list[torch.Tensor] = []
+        self._calls: dict[int, tuple[nn.Module, tuple, dict]] = {}
         self._handles = [
             block.register_forward_hook(self._teacher_hook(i), with_kwargs=True)
             for i, block in enumerate(teacher_blocks)
@@ -63,35 +66,40 @@ class AttentionMatch:
 
     def _student_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            # Only in the training forward: not while evaluating, nor when checkpointing recomputes the layer.
-            if not self._active or self._inside or not torch.is_grad_enabled() or layer not in self._teacher:
-                return
-            source_in, source_out = self._teacher.pop(layer)
-            _, rest, rest_kwargs = _first_input(args, kwargs)
-            self._inside = True
-            try:
-                local = module.forward(source_in, *rest, **rest_kwargs)[0]
-            finally:
-                self._inside = False
-            target = source_out.float()
-            self._errors.append((local.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+            # Only the training forward: not evaluation, nor a checkpointed layer's recomputation in backward.
+            if self._active and torch.is_grad_enabled():
+                _, rest, rest_kwargs = _first_input(args, kwargs)
+                self._calls[layer] = (module, rest, rest_kwargs)
         return hook
 
     @contextlib.contextmanager
     def collect(self) -> Iterator[None]:
-        """Record the teacher's attention inputs and outputs and the student's matching errors of one micro-batch."""
+        """Record one micro-batch's teacher attention inputs and outputs and the student's block calls."""
         self._teacher.clear()
-        self._errors.clear()
+        self._calls.clear()
         self._active = True
         try:
             yield
         finally:
             self._active = False
             self._teacher.clear()
+            self._calls.clear()
 
     def error(self, device: torch.device) -> torch.Tensor:
-        """Mean over layers of the last collect()'s relative errors (0 when none was recorded)."""
-        errors, self._errors = self._errors, []
+        """Mean over the recorded layers of the relative error (0 when none was recorded); call it inside
+        collect() and the student's autocast."""
+        active, self._active = self._active, False  # the second passes are not recorded again
+        errors = []
+        try:
+            for layer in sorted(self._calls.keys() & self._teacher.keys()):
+                module, rest, kwargs = self._calls[layer]
+                source_in, source_out = self._teacher[layer]
+                local = module.forward(source_in, *rest, **kwargs)[0]
+                target = source_out.float()
+                errors.append((local.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+        finally:
+            self._active = active
+            self._calls.clear()
         return torch.stack(errors).mean() if errors else torch.zeros((), device=device)
 
     def remove(self) -> None:

@@ -98,16 +98,16 @@ def train_step(training: Training, step: int, stop: StopRequest) -> StepStats:
                         teacher_out = models.teacher(input_ids=ids, use_cache=False, output_hidden_states=layers)
                 with acc.autocast():
                     student_out = models.student(input_ids=ids, use_cache=False, output_hidden_states=layers)
+                    local = match.error(acc.device) if match is not None else None
             # hidden_states: the embedding, then every decoder layer's output (the last one through the final norm)
             hidden = (student_out.hidden_states[1:], teacher_out.hidden_states[1:]) if layers else None
             parts = distillation_loss(
                 student_out.logits, teacher_out.logits if teacher_out is not None else None, ids,
-                o.kl_weight, o.ce_weight, o.temperature, hidden, o.hidden_weight,
-                match.error(acc.device) if match is not None else None, o.attention_weight,
+                o.kl_weight, o.ce_weight, o.temperature, hidden, o.hidden_weight, local, o.attention_weight,
             )
             acc.backward(parts.loss / o.grad_accum)
         sums += torch.stack([parts.loss.detach(), parts.kl, parts.ce, parts.hidden, parts.attention])
-        del teacher_out, student_out, hidden, parts
+        del teacher_out, student_out, hidden, local, parts
     for group in models.optimizer.param_groups:
         group["lr"] = lr_at(step, o, data.total, data.warmup) * group["lr_scale"]
     grad_norm = clip_gradients(acc, models.params, o.max_grad_norm)
