@@ -530,8 +530,10 @@ finally:
 '''
 
 
-def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp_path):
-    """torchrun + gloo (accelerate's MULTI_CPU): same final weights on both ranks, no block read twice."""
+@pytest.mark.parametrize("extra", [{}, {"attention_weight": 1.0}], ids=["kl", "kl+attention"])
+def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp_path, extra):
+    """torchrun + gloo (accelerate's MULTI_CPU): same final weights on both ranks, no block read twice; the
+    layer-local term's second passes (outside DDP's forward) are synchronised like the rest."""
     import os
     import subprocess
     import sys
@@ -541,6 +543,7 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp
     out = tmp_path / "ddp"
     args = ["-q", "finetune", tpa, out, "--data", tokens_file, "--steps", 4, "--seq-len", SEQ, "--batch-size", 2,
             "--lr", "3e-3", "--save-every", 2]
+    args += [a for key, value in extra.items() for a in ("--" + key.replace("_", "-"), value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARD_LOG": str(tmp_path / "shards")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     done = subprocess.run(
@@ -560,7 +563,7 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_shards(tpa, tokens_file, tmp
 
     # Synchronised gradients: the same as one process accumulating the two ranks' micro-batches.
     single = finetune(
-        options(tpa, tmp_path / "single", tokens_file, steps=4, batch_size=2, grad_accum=2), progress=False
+        options(tpa, tmp_path / "single", tokens_file, steps=4, batch_size=2, grad_accum=2, **extra), progress=False
     )
     a, b = weights(out), weights(single)
     for name in a:
