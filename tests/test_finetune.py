@@ -347,6 +347,20 @@ def test_attention_match_is_zero_for_an_exact_conversion_and_only_while_training
     assert all(errors[f"{label}, {when}"] == 0 for label in ("exact", "rank 1") for when in ("no grad", "outside"))
 
 
+def test_attention_match_refuses_models_it_cannot_pair(converted, source_model, load_model):
+    import copy
+
+    from factorconv.errors import FactorConvError
+    from factorconv.finetune.attention_match import AttentionMatch
+
+    student, teacher = load_model(converted("llama_gqa")), copy.deepcopy(source_model("llama_gqa"))
+    del teacher.model.layers[1:]
+    with pytest.raises(FactorConvError, match="attention blocks and the teacher 1"):
+        AttentionMatch(student, teacher)
+    with pytest.raises(FactorConvError, match="no 'self_attn' modules"):
+        AttentionMatch(student, torch.nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_loss_is_kl_teacher_to_student_plus_ce(temperature):
     import torch.nn.functional as F
