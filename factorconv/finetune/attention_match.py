@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from ..errors import FactorConvError
+from .trainable import attention_blocks
 
 
-def _attention_blocks(model: nn.Module, what: str) -> list[nn.Module]:
-    """Every decoder layer's `self_attn`, in layer order (the names trainable_modules trains)."""
-    blocks = [module for name, module in model.named_modules() if name.endswith("self_attn")]
+def _blocks(model: nn.Module, what: str) -> list[nn.Module]:
+    blocks = list(attention_blocks(model).values())
     if not blocks:
         raise FactorConvError(f"the {what} ({type(model).__name__}) has no 'self_attn' modules; "
                               "--attention-weight needs a decoder with attention blocks named self_attn")
@@ -42,8 +42,8 @@ class AttentionMatch:
     must save the same tensors when it is recomputed); FSDP is refused in build_models for the same reason."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
-        student_blocks = _attention_blocks(student, "model")
-        teacher_blocks = _attention_blocks(teacher, "teacher")
+        student_blocks = _blocks(student, "model")
+        teacher_blocks = _blocks(teacher, "teacher")
         if len(student_blocks) != len(teacher_blocks):
             raise FactorConvError(
                 f"the model has {len(student_blocks)} attention blocks and the teacher {len(teacher_blocks)}: "
@@ -87,19 +87,15 @@ class AttentionMatch:
 
     def error(self, device: torch.device) -> torch.Tensor:
         """Mean over the recorded layers of the relative error (0 when none was recorded); call it inside
-        collect() and the student's autocast."""
-        active, self._active = self._active, False  # the second passes are not recorded again
+        collect() and the student's autocast. `module.forward` skips the block's own hooks, so the second
+        passes are not recorded again."""
         errors = []
-        try:
-            for layer in sorted(self._calls.keys() & self._teacher.keys()):
-                module, rest, kwargs = self._calls[layer]
-                source_in, source_out = self._teacher[layer]
-                local = module.forward(source_in, *rest, **kwargs)[0]
-                target = source_out.float()
-                errors.append((local.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
-        finally:
-            self._active = active
-            self._calls.clear()
+        for layer in sorted(self._calls.keys() & self._teacher.keys()):
+            module, rest, kwargs = self._calls.pop(layer)
+            source_in, source_out = self._teacher[layer]
+            local = module.forward(source_in, *rest, **kwargs)[0]
+            target = source_out.float()
+            errors.append((local.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
         return torch.stack(errors).mean() if errors else torch.zeros((), device=device)
 
     def remove(self) -> None:

@@ -19,11 +19,16 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))
 
 
+def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Every decoder layer's attention block (the modules named `self_attn`) by full name, in layer order."""
+    return {name: module for name, module in model.named_modules() if name.endswith("self_attn")}
+
+
 def trainable_modules(model: nn.Module, trainable: str) -> list[str]:
     """Full names of the modules whose every parameter trains ('' is the whole model)."""
     if trainable == "all":
         return [""]
-    names = [name for name, module in model.named_modules() if name.endswith("self_attn")]
+    names = list(attention_blocks(model))
     if not names:
         raise FactorConvError(f"{type(model).__name__} has no 'self_attn' modules to train")
     if trainable == "attention+norms":
